@@ -1,0 +1,236 @@
+"""Exact strided and fixed patterns at block speed: split into parts, merge by log-sum-exp.
+
+The softmax over a union of disjoint key sets is the LSE-weighted combination of the softmaxes
+over each set, so a pattern can be computed as several block-sparse attentions ("parts"), each
+over a re-indexed sequence in which its keys form dense blocks (DESIGN.md, "Efficiency"):
+
+``strided(l)``
+    local band ``0 <= p - j < l``, in natural order; plus the columns ``(p - j) % l == 0,
+    p - j >= l``. Viewing the sequence as [m, l] (m = ceil(n_k / l)) and transposing, the
+    columns become strictly causal attention inside l contiguous chunks of length m.
+``fixed(l, c, P)``
+    same-window keys (block diagonal) in natural order; plus the summary columns of the other
+    windows, gathered per head class into a compact key list in which a query of window W sees
+    the first W * c keys (a prefix; all but its own window's when not causal).
+
+A :class:`Part` carries its pattern in its own index space and the index maps from and to the
+original rows: every backend runs the same generic block-sparse kernel on each part, and
+:mod:`effattn.functional` merges the parts (and splits the gradients) with torch ops.
+:func:`plan` keeps the natural order when the decomposition would not compute fewer entries
+(short sequences, a few queries against many keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from effattn.patterns import (
+    BIG,
+    GROUP_EQ,
+    GROUP_LT,
+    GROUP_NE,
+    BlockLayout,
+    Pattern,
+    Term,
+    block_elements,
+)
+
+__all__ = ["Part", "count_allowed", "plan", "work_efficiency"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Part:
+    """One block-sparse attention of a plan.
+
+    Attributes:
+        pattern: the pattern in this part's index space.
+        n_q, n_k: the part's number of query rows and keys.
+        q_offset: absolute position of part row 0 (part row i is at q_offset + i).
+        q_index: int64 [n_q] original query row of each part row, -1 for a row computed only
+            to keep blocks dense (its output is dropped); None for the identity.
+        k_index: int64 [C, n_k] original key of each part key, for head class C (query head h
+            uses class h % C), -1 for a padding key; None for the identity.
+        key_padding: bool [C, n_k] True where k_index is -1 and the pattern could reach that
+            key, so kernels must mask it; None when no such key exists.
+        layout: the part's block layout for the block sizes the plan was made with.
+    """
+
+    pattern: Pattern
+    n_q: int
+    n_k: int
+    q_offset: int
+    q_index: torch.Tensor | None
+    k_index: torch.Tensor | None
+    key_padding: torch.Tensor | None
+    layout: BlockLayout
+
+    def layout_for(self, block_m: int, block_n: int) -> BlockLayout:
+        """This part's layout for other block sizes (e.g. the backward kernels'), cached."""
+        device = self.layout.kv_full_num.device
+        return self.pattern.layout(
+            self.n_q, self.n_k, block_m, block_n, q_offset=self.q_offset, device=device
+        )
+
+
+def plan(
+    pattern: Pattern, n_q: int, n_k: int, block_m: int = 64, block_n: int = 64, device=None
+) -> tuple[Part, ...]:
+    """The parts that compute ``pattern`` for n_q queries and n_k keys, cheapest first.
+
+    Natural order (one part, identity maps) unless the pattern is a single ``strided`` or
+    ``fixed`` and its decomposition computes fewer entries for these block sizes.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if pattern.is_custom:
+        return (_natural(pattern, n_q, n_k, block_m, block_n, device),)
+    return _plan_cached(pattern._classes, pattern.kind, n_q, n_k, block_m, block_n, device)
+
+
+@functools.lru_cache(maxsize=128)
+def _plan_cached(classes, kind, n_q, n_k, block_m, block_n, device) -> tuple[Part, ...]:
+    pattern = Pattern("plan", classes, kind=kind)
+    natural = (_natural(pattern, n_q, n_k, block_m, block_n, device),)
+    if kind is None or n_q == 0:
+        return natural
+    build = _strided_parts if kind[0] == "strided" else _fixed_parts
+    parts = build(*kind[1:], n_q, n_k, block_m, block_n, device)
+    return parts if _work(parts, len(classes)) < _work(natural, len(classes)) else natural
+
+
+def work_efficiency(
+    pattern: Pattern, n_q: int, n_k: int | None = None, block_m: int = 64, block_n: int = 64
+) -> float:
+    """Useful entries / computed entries of the plan the kernels run (decomposed if cheaper)."""
+    n_k = n_q if n_k is None else n_k
+    heads = pattern.period
+    parts = plan(pattern, n_q, n_k, block_m, block_n)
+    return pattern.count_allowed(n_q, n_k, heads) / max(1, _work(parts, heads))
+
+
+def count_allowed(pattern: Pattern, n_q: int, n_k: int, heads: int) -> int:
+    """Allowed entries over ``heads`` heads, from the parts of the plan (they are disjoint).
+
+    A full block holds (valid rows) x (valid keys) allowed entries; partial blocks are
+    evaluated element by element, and plans keep those few.
+    """
+    total = 0
+    for part in plan(pattern, n_q, n_k, 128, 128):
+        lay = part.layout
+        rows = torch.ones(part.n_q, dtype=torch.bool)
+        if part.q_index is not None:
+            rows = part.q_index.cpu() >= 0
+        keys = torch.ones(1, part.n_k, dtype=torch.bool)
+        if part.k_index is not None:
+            keys = part.k_index.cpu() >= 0
+        per_pair = {}
+        for h in range(heads):
+            pair = (h % lay.num_classes, h % keys.shape[0])
+            if pair not in per_pair:
+                per_pair[pair] = _count_part(part, lay, pair[0], rows, keys[pair[1]])
+            total += per_pair[pair]
+    return total
+
+
+def _count_part(part, lay, c, rows, keys) -> int:
+    def per_block(valid, block, num):
+        valid = torch.nn.functional.pad(valid.long(), (0, num * block - valid.numel()))
+        return valid.view(num, block).sum(-1)
+
+    rb = per_block(rows, lay.block_m, lay.num_q_blocks)
+    kb = per_block(keys, lay.block_n, lay.num_k_blocks)
+    idx = lay.kv_full_idx[c].long().cpu()
+    total = int((torch.where(idx >= 0, kb[idx.clamp(min=0)], 0).sum(-1) * rb).sum())
+    pidx = lay.kv_part_idx[c].long().cpu()
+    qb, slot = (pidx >= 0).nonzero(as_tuple=True)
+    blocks = block_elements(lay.n_q, lay.n_k, lay.block_m, lay.block_n, qb, pidx[qb, slot])
+    for i, j, valid in blocks:
+        ic, jc = i.clamp(max=lay.n_q - 1), j.clamp(max=lay.n_k - 1)
+        ok = part.pattern._allowed(i + lay.q_offset, jc, c, ic)
+        total += int((ok & valid & rows[ic] & keys[jc]).sum())
+    return total
+
+
+def _work(parts: tuple[Part, ...], heads: int) -> int:
+    total = 0
+    for part in parts:
+        per_class = part.layout.computed_entries()
+        total += sum(per_class[h % len(per_class)] for h in range(heads))
+    return total
+
+
+def _natural(pattern, n_q, n_k, block_m, block_n, device) -> Part:
+    lay = pattern.layout(n_q, n_k, block_m, block_n, device=device)
+    return Part(pattern, n_q, n_k, n_k - n_q, None, None, None, lay)
+
+
+def _part(terms, n_q, n_k, q_offset, q_index, k_index, key_padding, block_m, block_n, device):
+    pattern = Pattern("part", (tuple(terms),))
+    lay = pattern.layout(n_q, n_k, block_m, block_n, q_offset=q_offset, device=device)
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return Part(pattern, n_q, n_k, q_offset, move(q_index), move(k_index), move(key_padding), lay)
+
+
+def _strided_parts(stride, causal, n_q, n_k, block_m, block_n, device):
+    lo = 0 if causal else -(stride - 1)
+    local = Pattern("local", ((Term(lo=lo, hi=stride - 1),),))
+    band = _natural(local, n_q, n_k, block_m, block_n, device)
+
+    # Slot x = a * stride + b (a < m) goes to y = b * m + a: residue b becomes chunk b.
+    m = -(-n_k // stride)
+    y = torch.arange(m * stride)
+    x = (y % m) * stride + y // m
+    k_index = torch.where(x < n_k, x, -1).view(1, -1)
+    row = x - (n_k - n_q)
+    q_index = torch.where((row >= 0) & (x < n_k), row, -1)
+    # Within a chunk, slot a attends to a' < a (and a' > a when not causal); padding keys sit
+    # at the last slot of their chunk, which only non-causal queries can reach.
+    terms = [Term(lo=1, gq=m, gk=m, grel=GROUP_EQ)]
+    key_padding = None
+    if not causal:
+        terms.append(Term(hi=-1, gq=m, gk=m, grel=GROUP_EQ))
+        if (k_index < 0).any():
+            key_padding = k_index < 0
+    cols = _part(
+        terms, m * stride, m * stride, 0, q_index, k_index, key_padding, block_m, block_n, device
+    )
+    return (band, cols)
+
+
+def _fixed_parts(stride, summary, num_patterns, causal, n_q, n_k, block_m, block_n, device):
+    lo = 0 if causal else -BIG
+    window = Pattern("window", ((Term(lo=lo, gq=stride, gk=stride, grel=GROUP_EQ),),))
+    parts = [_natural(window, n_q, n_k, block_m, block_n, device)]
+
+    # Causal queries of window W see the summary columns of windows < W, all of them complete.
+    last = (n_k - 1) // stride
+    windows = last if causal else last + 1
+    if windows == 0:
+        return tuple(parts)
+    w = torch.arange(windows).view(-1, 1)
+    t = torch.arange(summary).view(1, -1)
+    index = []
+    for r in range(num_patterns):
+        cols = (w * stride + stride - (r + 1) * summary + t).flatten()
+        index.append(torch.where(cols < n_k, cols, -1))
+    k_index = torch.stack(index)
+    rel = GROUP_LT if causal else GROUP_NE
+    key_padding = (k_index < 0) if (k_index < 0).any() else None
+    n_s = k_index.shape[1]
+    parts.append(
+        _part(
+            [Term(gq=stride, gk=summary, grel=rel)],
+            n_q,
+            n_s,
+            n_k - n_q,
+            None,
+            k_index,
+            key_padding,
+            block_m,
+            block_n,
+            device,
+        )
+    )
+    return tuple(parts)

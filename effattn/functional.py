@@ -1,0 +1,411 @@
+"""Public attention functions: validation, backend dispatch, plans, autograd, torch.compile.
+
+``sparse_attention`` runs a pattern as the parts of its plan (:mod:`effattn.decompose`) on one
+backend's block-sparse kernels and merges them by log-sum-exp; the backward hands every part the
+merged LSE and delta, so each part's gradients are its share of the full softmax. Both
+directions are ``torch.library`` custom ops, so ``torch.compile`` traces them without graph
+breaks and, the op being opaque, without specializing on the sequence length.
+
+Backends (``backend=``): "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
+"cuda" (CUDA C++ extension), "cpu" (C++ extension), "torch" (blockwise PyTorch, any device, the
+fallback for CPU tensors when the extension is missing) and "reference" (dense O(n^2) oracle,
+only when asked for by name). "auto" picks Triton for CUDA tensors and "cpu", else "torch", for
+CPU tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import weakref
+
+import torch
+
+from effattn import _extension, reference
+from effattn.decompose import Part, plan
+from effattn.patterns import Pattern
+
+__all__ = ["backends", "sparse_attention", "xl_attention"]
+
+_BACKEND_MODULES = {
+    "triton": "effattn.ops.triton_sparse",
+    "cuda": "effattn.ops.cuda",
+    "cpu": "effattn.ops.cpu",
+    "torch": "effattn.ops.torch_sparse",
+}
+_XL_MODULES = {
+    "triton": "effattn.ops.triton_xl",
+    "cuda": "effattn.ops.cuda",
+    "cpu": "effattn.ops.cpu",
+    "torch": "effattn.ops.torch_xl",
+}
+_NAMES = ("auto", "reference", *_BACKEND_MODULES)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+# --------------------------------------------------------------------------- backends
+def _triton_ready() -> bool:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _module(table: dict[str, str], name: str):
+    try:
+        return importlib.import_module(table[name])
+    except ImportError as e:
+        raise ValueError(f"backend {name!r} is not available here: {e}") from e
+
+
+def backends() -> list[str]:
+    """Names of the backends that can run here, among "triton", "cuda", "cpu", "reference"."""
+    names = []
+    if _triton_ready():
+        names.append("triton")
+    if _extension.has_cuda() and torch.cuda.is_available():
+        names.append("cuda")
+    if _extension.has_cpu():
+        names.append("cpu")
+    names.append("reference")
+    return names
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in _NAMES:
+        raise ValueError(f"backend must be one of {_NAMES}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        if _triton_ready():
+            return "triton"
+        raise ValueError(
+            "no backend for CUDA tensors: install triton (or build with EFFATTN_CUDA=1)"
+        )
+    if device.type == "cpu":
+        return "cpu" if _extension.has_cpu() else "torch"
+    raise ValueError(f"no backend for tensors on {device}")
+
+
+# --------------------------------------------------------------------------- validation
+def _check_inputs(q, k, v, backend: str) -> None:
+    reference._check_qkv(q, k, v)
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"q, k, v must be fp16, bf16, fp32 or fp64, got {q.dtype}")
+    if backend != "reference" and not MIN_HEAD_DIM <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim D={q.shape[-1]} is not supported: the kernels take 16 <= D <= 256 "
+            "(backend='reference' takes any)"
+        )
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _check_key_padding_mask(kpm, q, k) -> None:
+    if kpm is None:
+        return
+    if not isinstance(kpm, torch.Tensor) or kpm.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must be a bool tensor [B, Nk], got {getattr(kpm, 'dtype', type(kpm))}"
+        )
+    if kpm.shape != (k.shape[0], k.shape[2]):
+        raise ValueError(
+            f"key_padding_mask must have shape [B, Nk] = {[k.shape[0], k.shape[2]]}, "
+            f"got {list(kpm.shape)}"
+        )
+    if kpm.device != q.device:
+        raise ValueError(f"key_padding_mask is on {kpm.device}, q on {q.device}")
+
+
+# --------------------------------------------------------------------------- patterns by key
+# Custom ops take strings, not Patterns: built-in patterns are keyed by their terms (equal
+# patterns share a key and their cached layouts), custom ones by identity while they live.
+_PATTERNS: dict[str, Pattern] = {}
+_CUSTOM: weakref.WeakValueDictionary[str, Pattern] = weakref.WeakValueDictionary()
+
+
+def _pattern_key(pattern: Pattern) -> str:
+    if pattern.is_custom:
+        key = f"custom:{id(pattern)}"
+        _CUSTOM[key] = pattern
+        return key
+    key = repr((pattern.classes(), pattern.kind))
+    _PATTERNS.setdefault(key, pattern)
+    return key
+
+
+def _pattern(key: str) -> Pattern:
+    found = _PATTERNS.get(key) or _CUSTOM.get(key)
+    if found is None:
+        raise RuntimeError(f"pattern {key!r} is no longer alive: keep a reference to it")
+    return found
+
+
+# --------------------------------------------------------------------------- plan execution
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _gather_part(part: Part, q, k, v, kpm):
+    """q, k, v and the key mask in the part's index space."""
+    if part.q_index is not None:
+        q = q.index_select(2, part.q_index.clamp(min=0))
+    key_mask = None if kpm is None else kpm[:, None, :]
+    if part.k_index is not None:
+        h, h_kv = q.shape[1], k.shape[1]
+        idx = part.k_index.clamp(min=0)
+        if idx.shape[0] == 1:
+            k, v = k.index_select(2, idx[0]), v.index_select(2, idx[0])
+        else:
+            # Head class c = h % C gathers its own keys: expand the kv heads to the q heads.
+            per_head = idx[torch.arange(h, device=idx.device) % idx.shape[0]]
+            gather = per_head[None, :, :, None].expand(k.shape[0], h, -1, k.shape[3])
+            k = torch.gather(k.repeat_interleave(h // h_kv, 1), 2, gather)
+            v = torch.gather(v.repeat_interleave(h // h_kv, 1), 2, gather)
+        if key_mask is not None:
+            key_mask = key_mask[:, :, idx].squeeze(2) if idx.shape[0] == 1 else kpm[:, per_head]
+    if part.key_padding is not None:
+        c = part.key_padding.shape[0]
+        pad = part.key_padding[torch.arange(q.shape[1], device=q.device) % c][None]
+        key_mask = pad if key_mask is None else key_mask | pad
+    return q, k, v, key_mask
+
+
+def _rows(part: Part):
+    """(part rows that hold real queries, their original rows), or None for the identity."""
+    if part.q_index is None:
+        return None
+    sel = (part.q_index >= 0).nonzero().squeeze(1)
+    return sel, part.q_index[sel]
+
+
+def _run_forward(q, k, v, kpm, pattern: Pattern, scale: float, backend: str):
+    kern = _module(_BACKEND_MODULES, backend)
+    bm, bn = kern.plan_blocks(q)
+    parts = plan(pattern, q.shape[2], k.shape[2], bm, bn, device=q.device)
+    outs, lses = [], []
+    for part in parts:
+        qp, kp, vp, km = _gather_part(part, q, k, v, kpm)
+        o, lse = kern.sparse_forward(qp, kp, vp, part.layout_for, scale=scale, key_mask=km)
+        if (rows := _rows(part)) is not None:
+            sel, orig = rows
+            o = o.new_zeros(q.shape).index_copy_(2, orig, o.index_select(2, sel))
+            lse = lse.new_full(q.shape[:3], float("-inf")).index_copy_(
+                2, orig, lse.index_select(2, sel)
+            )
+        outs.append(o)
+        lses.append(lse)
+    if len(parts) == 1:
+        return outs[0], lses[0]
+    lse = torch.logsumexp(torch.stack(lses), dim=0)
+    safe = torch.where(torch.isfinite(lse), lse, 0)
+    out = sum(
+        torch.exp(p - safe).unsqueeze(-1) * o.to(lse.dtype) for p, o in zip(lses, outs, strict=True)
+    )
+    return out.to(q.dtype), lse
+
+
+def _run_backward(dout, dlse, q, k, v, out, lse, kpm, pattern: Pattern, scale: float, backend: str):
+    kern = _module(_BACKEND_MODULES, backend)
+    bm, bn = kern.plan_blocks(q)
+    parts = plan(pattern, q.shape[2], k.shape[2], bm, bn, device=q.device)
+    acc = _acc(q)
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
+    lse = lse.to(acc)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    for part in parts:
+        qp, kp, vp, km = _gather_part(part, q, k, v, kpm)
+        dop, lsep, deltap = dout, lse, delta
+        if part.q_index is not None:
+            # Rows kept only for dense blocks get no gradient: zero dout and an lse of +inf.
+            real = (part.q_index >= 0).view(1, 1, -1)
+            idx = part.q_index.clamp(min=0)
+            dop = torch.where(real.unsqueeze(-1), dout.index_select(2, idx), 0)
+            lsep = torch.where(real, lse.index_select(2, idx), float("inf"))
+            deltap = torch.where(real, delta.index_select(2, idx), 0)
+        dqp, dkp, dvp = kern.sparse_backward(
+            qp, kp, vp, dop, lsep, deltap, part.layout_for, scale=scale, key_mask=km
+        )
+        if (rows := _rows(part)) is not None:
+            sel, orig = rows
+            dq.index_add_(2, orig, dqp.index_select(2, sel).to(acc))
+        else:
+            dq += dqp
+        _add_key_grads(part, dk, dkp)
+        _add_key_grads(part, dv, dvp)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _add_key_grads(part: Part, dk: torch.Tensor, dkp: torch.Tensor) -> None:
+    """Add a part's key gradient back at the original keys (summing GQA groups)."""
+    if part.k_index is None:
+        dk += dkp
+        return
+    valid = part.k_index >= 0
+    if part.k_index.shape[0] == 1:
+        sel = valid[0].nonzero().squeeze(1)
+        dk.index_add_(2, part.k_index[0, sel], dkp.index_select(2, sel).to(dk.dtype))
+        return
+    b, h, _, d = dkp.shape
+    h_kv = dk.shape[1]
+    c = part.k_index.shape[0]
+    heads = torch.arange(h, device=dkp.device) % c
+    idx = part.k_index[heads].clamp(min=0)
+    contrib = torch.where(valid[heads][None, :, :, None], dkp.to(dk.dtype), 0)
+    per_head = torch.zeros(b, h, dk.shape[2], d, dtype=dk.dtype, device=dk.device)
+    per_head.scatter_add_(2, idx[None, :, :, None].expand(b, h, -1, d), contrib)
+    dk += per_head.view(b, h_kv, h // h_kv, -1, d).sum(2)
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("effattn::sparse_attention", mutates_args=())
+def _sparse_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    pattern_key: str,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _run_forward(q, k, v, key_padding_mask, _pattern(pattern_key), scale, backend)
+
+
+@_sparse_op.register_fake
+def _(q, k, v, key_padding_mask, pattern_key, scale, backend):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_acc(q))
+
+
+@torch.library.custom_op("effattn::sparse_attention_backward", mutates_args=())
+def _sparse_backward_op(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    pattern_key: str,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _run_backward(
+        dout, dlse, q, k, v, out, lse, key_padding_mask, _pattern(pattern_key), scale, backend
+    )
+
+
+@_sparse_backward_op.register_fake
+def _(dout, dlse, q, k, v, out, lse, key_padding_mask, pattern_key, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _sparse_setup(ctx, inputs, output):
+    q, k, v, kpm, pattern_key, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kpm)
+    ctx.pattern_key, ctx.scale, ctx.backend = pattern_key, scale, backend
+
+
+def _sparse_autograd(ctx, dout, dlse):
+    q, k, v, out, lse, kpm = ctx.saved_tensors
+    dq, dk, dv = _sparse_backward_op(
+        dout.contiguous(), dlse, q, k, v, out, lse, kpm, ctx.pattern_key, ctx.scale, ctx.backend
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+_sparse_op.register_autograd(_sparse_autograd, setup_context=_sparse_setup)
+
+
+# --------------------------------------------------------------------------- public API
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    *,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+):
+    """Block-sparse attention with an exact pattern.
+
+    Args:
+        q: [B, H, Nq, D] queries; row i sits at absolute position i + Nk - Nq.
+        k, v: [B, Hkv, Nk, D] keys and values, H % Hkv == 0 (grouped-query attention).
+        pattern: a :class:`effattn.patterns.Pattern` (e.g. ``patterns.strided(128)``).
+        scale: score scale, default D ** -0.5.
+        key_padding_mask: bool [B, Nk], True = ignore that key (as nn.MultiheadAttention).
+        backend: "auto", "triton", "cuda", "cpu", "torch" or "reference" (module docstring).
+        return_lse: also return the log-sum-exp of the scaled scores.
+
+    Returns:
+        out [B, H, Nq, D] in q's dtype; with ``return_lse`` also lse [B, H, Nq] (fp32, fp64 for
+        fp64 inputs), -inf for a query with no allowed key (whose output is 0).
+    """
+    if not isinstance(pattern, Pattern):
+        raise TypeError(
+            f"pattern must be an effattn.patterns.Pattern, got {type(pattern).__name__}"
+        )
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    _check_inputs(q, k, v, backend)
+    name = _resolve_backend(backend, q.device)
+    pattern._check_size(q.shape[2], k.shape[2])
+    pattern._check_heads(q.shape[1])
+    scale = _check_scale(scale, q.shape[-1])
+    _check_key_padding_mask(key_padding_mask, q, k)
+    if name == "reference":
+        mask = pattern.mask(q.shape[2], k.shape[2], q.shape[1], device=q.device).unsqueeze(0)
+        if key_padding_mask is not None:
+            mask = mask & ~key_padding_mask[:, None, None, :]
+        return reference.attention(q, k, v, mask, scale=scale, return_lse=return_lse)
+    _module(_BACKEND_MODULES, name).check(q, k, v)
+    out, lse = _sparse_op(q, k, v, key_padding_mask, _pattern_key(pattern), scale, name)
+    return (out, lse) if return_lse else out
+
+
+def xl_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    r: torch.Tensor,
+    u: torch.Tensor,
+    vb: torch.Tensor,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+):
+    """Transformer-XL relative-position attention (semantics: :func:`effattn.reference.xl_attention`).
+
+    Args:
+        q: [B, H, L, D]; k, v: [B, Hkv, M + L, D]; r: [H, R, D] indexed by distance;
+        u, vb: [H, D]; scale: default D ** -0.5; window: keep only distances < window.
+        backend: as in :func:`sparse_attention`; return_lse: also return lse [B, H, L].
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    _check_inputs(q, k, v, backend)
+    name = _resolve_backend(backend, q.device)
+    if name == "reference":
+        return reference.xl_attention(
+            q, k, v, r, u, vb, scale=scale, window=window, return_lse=return_lse
+        )
+    kern = _module(_XL_MODULES, name)
+    return kern.xl_attention(q, k, v, r, u, vb, scale=scale, window=window, return_lse=return_lse)
