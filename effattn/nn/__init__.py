@@ -1,0 +1,3 @@
+"""Drop-in attention modules (see :mod:`effattn.nn.sparse` and :mod:`effattn.nn.xl`)."""
+
+from effattn.nn.sparse import SparseMultiheadAttention, replace_attention  # noqa: F401
