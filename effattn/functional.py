@@ -379,6 +379,116 @@ def sparse_attention(
     return (out, lse) if return_lse else out
 
 
+# --------------------------------------------------------------------------- Transformer-XL
+def _check_xl(q, k, v, r, u, vb, window) -> None:
+    """Shapes, dtypes and devices of r, u, vb and the window (q, k, v already checked)."""
+    h, d = q.shape[1], q.shape[3]
+    for name, t, dims in (("r", r, "[H, R, D]"), ("u", u, "[H, D]"), ("vb", vb, "[H, D]")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor {dims}, got {type(t).__name__}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    if r.dim() != 3 or r.shape[0] != h or r.shape[2] != d:
+        raise ValueError(f"r must be [H, R, D] = [{h}, R, {d}], got shape {tuple(r.shape)}")
+    if r.shape[1] < 1:
+        raise ValueError("r must have at least one row (distance 0), got R = 0")
+    for name, t in (("u", u), ("vb", vb)):
+        if t.shape != (h, d):
+            raise ValueError(f"{name} must be [H, D] = [{h}, {d}], got shape {tuple(t.shape)}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"window must be an int or None, got {type(window).__name__}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1 (distance 0 is the query itself), got {window}")
+
+
+def _resolve_xl_backend(backend: str, device: torch.device) -> str:
+    """As _resolve_backend, except that "auto" takes "cpu" only once the C++ module serves XL."""
+    name = _resolve_backend(backend, device)
+    if backend == "auto" and name == "cpu":
+        try:
+            cpu = importlib.import_module(_XL_MODULES["cpu"])
+        except ImportError:
+            return "torch"
+        if not hasattr(cpu, "xl_forward"):
+            return "torch"
+    return name
+
+
+def _xl_delta(out, dout, dlse):
+    acc = _acc(out)
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    return delta if dlse is None else delta - dlse.to(acc)
+
+
+@torch.library.custom_op("effattn::xl_attention", mutates_args=())
+def _xl_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    r: torch.Tensor,
+    u: torch.Tensor,
+    vb: torch.Tensor,
+    scale: float,
+    window: int | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kern = _module(_XL_MODULES, backend)
+    return kern.xl_forward(q, k, v, r, u, vb, scale=scale, window=window)
+
+
+@_xl_op.register_fake
+def _(q, k, v, r, u, vb, scale, window, backend):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_acc(q))
+
+
+@torch.library.custom_op("effattn::xl_attention_backward", mutates_args=())
+def _xl_backward_op(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    r: torch.Tensor,
+    u: torch.Tensor,
+    vb: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    window: int | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    kern = _module(_XL_MODULES, backend)
+    delta = _xl_delta(out, dout, dlse)
+    grads = kern.xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, scale=scale, window=window)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_xl_backward_op.register_fake
+def _(dout, dlse, q, k, v, r, u, vb, out, lse, scale, window, backend):
+    return tuple(torch.empty_like(t) for t in (q, k, v, r, u, vb))
+
+
+def _xl_setup(ctx, inputs, output):
+    q, k, v, r, u, vb, scale, window, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, r, u, vb, out, lse)
+    ctx.scale, ctx.window, ctx.backend = scale, window, backend
+
+
+def _xl_autograd(ctx, dout, dlse):
+    q, k, v, r, u, vb, out, lse = ctx.saved_tensors
+    grads = _xl_backward_op(
+        dout.contiguous(), dlse, q, k, v, r, u, vb, out, lse, ctx.scale, ctx.window, ctx.backend
+    )
+    return (*grads, None, None, None)
+
+
+_xl_op.register_autograd(_xl_autograd, setup_context=_xl_setup)
+
+
 def xl_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -392,20 +502,44 @@ def xl_attention(
     backend: str = "auto",
     return_lse: bool = False,
 ):
-    """Transformer-XL relative-position attention (semantics: :func:`effattn.reference.xl_attention`).
+    """Transformer-XL relative-position attention, fused (never forms an [L, M + L] matrix).
+
+    With M = Nk - L memory positions, query i (absolute position M + i) and key j are at
+    distance d = M + i - j; key j is allowed iff 0 <= d (and d < window when given), and
+
+        S[i, j] = scale * ((q_i + u) . k_j + (q_i + vb) . r[min(d, R - 1)])
+
+    (semantics of :func:`effattn.reference.xl_attention`; the original code's r, ordered from
+    the largest distance down to 0, is ``r.flip(1)`` here: see :mod:`effattn.nn.xl`).
 
     Args:
-        q: [B, H, L, D]; k, v: [B, Hkv, M + L, D]; r: [H, R, D] indexed by distance;
-        u, vb: [H, D]; scale: default D ** -0.5; window: keep only distances < window.
-        backend: as in :func:`sparse_attention`; return_lse: also return lse [B, H, L].
+        q: [B, H, L, D] the current segment's queries.
+        k, v: [B, Hkv, M + L, D] memory then segment, H % Hkv == 0 (grouped-query attention).
+        r: [H, R, D] projected relative embeddings indexed by distance, R >= 1; distances
+            >= R use r[:, R - 1] (Transformer-XL's clamp_len).
+        u, vb: [H, D] content and position biases (the original's r_w_bias, r_r_bias).
+        scale: score scale, default D ** -0.5.
+        window: None, or an int >= 1: only distances < window (Transformer-XL's same_length
+            with window = mem_len).
+        backend: "auto", "triton", "cuda", "cpu", "torch" or "reference" (module docstring).
+        return_lse: also return the log-sum-exp of the scaled scores.
+
+    Returns:
+        out [B, H, L, D] in q's dtype; with ``return_lse`` also lse [B, H, L] (fp32, fp64 for
+        fp64 inputs). Gradients flow to q, k, v, r, u and vb.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     _check_inputs(q, k, v, backend)
-    name = _resolve_backend(backend, q.device)
+    _check_xl(q, k, v, r, u, vb, window)
+    name = _resolve_xl_backend(backend, q.device)
+    scale = _check_scale(scale, q.shape[-1])
     if name == "reference":
         return reference.xl_attention(
             q, k, v, r, u, vb, scale=scale, window=window, return_lse=return_lse
         )
     kern = _module(_XL_MODULES, name)
-    return kern.xl_attention(q, k, v, r, u, vb, scale=scale, window=window, return_lse=return_lse)
+    if hasattr(kern, "xl_check"):
+        kern.xl_check(q)
+    out, lse = _xl_op(q, k, v, r, u, vb, scale, window, name)
+    return (out, lse) if return_lse else out

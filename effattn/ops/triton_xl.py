@@ -1,0 +1,496 @@
+"""Fused Transformer-XL relative attention in Triton (backend "triton").
+
+Semantics: :func:`effattn.reference.xl_attention`. With M = N - L memory positions, query i
+(absolute position M + i) and key j are at distance d = M + i - j; key j is allowed iff
+0 <= d < window, and
+
+    S[i, j] = scale * ((q_i + u) . k_j + (q_i + vb) . r[min(d, R - 1)]).
+
+Nothing of size [L, N] is ever formed. Query and key blocks have the same size B, so the
+distances of a (query block, key block) tile span 2B - 1 consecutive values starting at
+dmin = M + i0 - j0 - B + 1. Each tile multiplies (Q_tile + vb) [B, D] with only that band of r
+rows (padded to 2B, rows clamped to [0, R - 1]: the clamping of distances >= R is just the
+clamping of the band's row indices) and reads the [B, 2B] product skewed with
+``tl.gather(band, idx, axis=1)``, idx[a, c] = a - c + B - 1. ``tl.gather`` exists since Triton
+3.3 (it is in 3.6 and 3.9, the versions this project targets) and runs in the interpreter.
+
+Only key blocks holding an allowed distance are visited: for query block [i0, i0 + B) keys
+from max(0, M + i0 - window + 1) to M + i0 + B - 1.
+
+Backward, three kernels, no atomics:
+    dkdv: one program per (key block, batch, kv head), looping over the query blocks that
+        reach it and over the q heads of its GQA group; dk and dv stay in registers.
+    dq:   one program per (query block, batch, head), looping over key blocks as the forward;
+        also writes its block's partial sums of du (the content part of dq) and dvb (the
+        position part), reduced over blocks and batch afterwards.
+    dr:   one program per (block diagonal, batch, head). With BM = BN, all tiles with the same
+        qb - kb read the same band of r rows, so a program walks one block diagonal and
+        accumulates the band's gradient [2B, D] in registers (the position part of dS, skewed
+        back into band order with a gather, times Q_tile + vb). Adjacent diagonals' bands
+        overlap by B - 1 rows; the partials are folded and summed over batch with slicing,
+        deterministically, and distances >= R - 1 are summed into r[R - 1].
+
+Precision: dot products take the input dtype (fp32 with input_precision="ieee", no TF32) and
+accumulate in fp32, everything in fp64 for fp64 inputs (interpreter only: gradcheck).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from effattn._aot import KernelConfig
+
+__all__ = ["block_config", "xl_check", "compile_configs", "xl_backward", "xl_forward"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _mm(a, b, ACC: tl.constexpr):
+    # No TF32: fp32 inputs get fp32 products, as the reference computes them.
+    return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
+
+
+@triton.jit
+def _load_rows(X, offs, n, offs_d, d_ok, D):
+    """Rows offs of a row-major [n, D] matrix, zero outside."""
+    return tl.load(
+        X + offs[:, None] * D + offs_d[None, :], mask=(offs[:, None] < n) & d_ok[None, :], other=0.0
+    )
+
+
+@triton.jit
+def _band_rows(dmin, R_LEN, BLOCK: tl.constexpr):
+    """r rows of distances dmin .. dmin + 2B - 1, clamped to [0, R - 1] (clamp_len)."""
+    return tl.minimum(tl.maximum(dmin + tl.arange(0, 2 * BLOCK), 0), R_LEN - 1)
+
+
+@triton.jit
+def _skew(BLOCK: tl.constexpr):
+    """idx[a, c] = a - c + B - 1: band column of query a of the tile and key c."""
+    return tl.arange(0, BLOCK)[:, None] - tl.arange(0, BLOCK)[None, :] + BLOCK - 1
+
+
+@triton.jit
+def _scores(qu, qv, k, rb, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Unscaled S of one tile: (q + u) . k_j plus the band (q + vb) . r_rows read skewed."""
+    band = _mm(qv, tl.trans(rb), ACC)
+    return _mm(qu, tl.trans(k), ACC) + tl.gather(band, _skew(BLOCK), axis=1)
+
+
+@triton.jit
+def _allowed(offs_m, offs_k, mem, N, WINDOW):
+    dist = mem + offs_m[:, None] - offs_k[None, :]
+    return (dist >= 0) & (dist < WINDOW) & (offs_k[None, :] < N)
+
+
+@triton.jit
+def _query_tile(Q, U, VB, h, offs_m, offs_d, d_ok, L, D, ACC: tl.constexpr):
+    """(q + u, q + vb) in q's dtype for the dot products, zero outside [L, D]."""
+    q = _load_rows(Q, offs_m, L, offs_d, d_ok, D).to(ACC)
+    u = tl.load(U + h * D + offs_d, mask=d_ok, other=0.0).to(ACC)
+    vb = tl.load(VB + h * D + offs_d, mask=d_ok, other=0.0).to(ACC)
+    inside = (offs_m < L)[:, None] & d_ok[None, :]
+    qu = tl.where(inside, q + u[None, :], 0.0).to(Q.dtype.element_ty)
+    qv = tl.where(inside, q + vb[None, :], 0.0).to(Q.dtype.element_ty)
+    return qu, qv
+
+
+@triton.jit
+def _row_stats(Lse, Delta, offs_m, L):
+    """lse in log2 units (+inf for padded rows and rows without keys, so P = 0) and delta."""
+    lse = tl.load(Lse + offs_m, mask=offs_m < L, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(Delta + offs_m, mask=offs_m < L, other=0.0)
+    return lse * _LOG2E, delta
+
+
+@triton.jit
+def _probs_and_ds(s, ok, lse2, delta, do, v, qk_scale, ACC: tl.constexpr):
+    """(P, dS / scale) of one tile from its unscaled scores."""
+    p = tl.where(ok, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+    return p, p * (_mm(do, tl.trans(v), ACC) - delta[:, None])
+
+
+@triton.jit
+def _to_band(ds, BLOCK: tl.constexpr):
+    """dS [B, B] in band order [B, 2B]: band[a, t] = ds[a, a - t + B - 1] (0 off the band)."""
+    idx = tl.arange(0, BLOCK)[:, None] - tl.arange(0, 2 * BLOCK)[None, :] + BLOCK - 1
+    on = (idx >= 0) & (idx < BLOCK)
+    return tl.where(on, tl.gather(ds, tl.minimum(tl.maximum(idx, 0), BLOCK - 1), axis=1), 0.0)
+
+
+@triton.jit
+def _xl_fwd_kernel(
+    Q, K, V, R, U, VB, Scale, Out, Lse,
+    L, N, R_LEN, WINDOW, H, GROUP, D,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    qb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    kv = (bh // H) * (H // GROUP) + h // GROUP
+    mem = N - L
+    i0 = qb * BLOCK
+    offs_m = i0 + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qk_scale = tl.load(Scale).to(ACC) * _LOG2E
+    Q += bh * L * D
+    K += kv * N * D
+    V += kv * N * D
+    R += h * R_LEN * D
+    qu, qv = _query_tile(Q, U, VB, h, offs_m, offs_d, d_ok, L, D, ACC)
+
+    m_i = tl.full([BLOCK], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK], ACC)
+    acc = tl.zeros([BLOCK, BLOCK_D], ACC)
+    lo = (tl.maximum(mem + i0 - WINDOW + 1, 0) // BLOCK) * BLOCK
+    hi = tl.minimum(mem + i0 + BLOCK, N)
+    for start in range(lo, hi, BLOCK):
+        offs_k = start + tl.arange(0, BLOCK)
+        k = _load_rows(K, offs_k, N, offs_d, d_ok, D)
+        rb = _load_rows(
+            R, _band_rows(mem + i0 - start - BLOCK + 1, R_LEN, BLOCK), R_LEN, offs_d, d_ok, D
+        )
+        s = _scores(qu, qv, k, rb, BLOCK, ACC)
+        s = tl.where(_allowed(offs_m, offs_k, mem, N, WINDOW), s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(V, offs_k, N, offs_d, d_ok, D)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, ACC)
+        m_i = m_new
+
+    nonempty = l_i > 0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
+    row_ok = offs_m < L
+    tl.store(
+        Out + bh * L * D + offs_m[:, None] * D + offs_d[None, :],
+        (acc / l_safe[:, None]).to(Out.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+    tl.store(Lse + bh * L + offs_m, lse.to(Lse.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _xl_bwd_dkdv_kernel(
+    Q, K, V, R, U, VB, Scale, DO, Lse, Delta, DK, DV,
+    L, N, R_LEN, WINDOW, H, GROUP, D,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    kb = tl.program_id(0)
+    bkv = tl.program_id(1).to(tl.int64)
+    h_kv = H // GROUP
+    b = bkv // h_kv
+    mem = N - L
+    j0 = kb * BLOCK
+    offs_k = j0 + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    scale = tl.load(Scale).to(ACC)
+    K += bkv * N * D
+    V += bkv * N * D
+    k = _load_rows(K, offs_k, N, offs_d, d_ok, D)
+    v = _load_rows(V, offs_k, N, offs_d, d_ok, D)
+    dk = tl.zeros([BLOCK, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK, BLOCK_D], ACC)
+    # Queries reaching this key block: 0 <= M + i - j < window for some j in it.
+    lo = (tl.maximum(j0 - mem, 0) // BLOCK) * BLOCK
+    hi = tl.minimum(j0 + BLOCK - 1 - mem + WINDOW, L)
+    for g in range(0, GROUP):
+        h = (bkv % h_kv) * GROUP + g
+        bh = b * H + h
+        for i0 in range(lo, hi, BLOCK):
+            offs_m = i0 + tl.arange(0, BLOCK)
+            qu, qv = _query_tile(Q + bh * L * D, U, VB, h, offs_m, offs_d, d_ok, L, D, ACC)
+            rows = _band_rows(mem + i0 - j0 - BLOCK + 1, R_LEN, BLOCK)
+            rb = _load_rows(R + h * R_LEN * D, rows, R_LEN, offs_d, d_ok, D)
+            do = _load_rows(DO + bh * L * D, offs_m, L, offs_d, d_ok, D)
+            lse2, delta = _row_stats(Lse + bh * L, Delta + bh * L, offs_m, L)
+            s = _scores(qu, qv, k, rb, BLOCK, ACC)
+            ok = _allowed(offs_m, offs_k, mem, N, WINDOW)
+            p, ds = _probs_and_ds(s, ok, lse2, delta, do, v, scale * _LOG2E, ACC)
+            dv += _mm(tl.trans(p.to(do.dtype)), do, ACC)
+            dk += _mm(tl.trans(ds.to(qu.dtype)), qu, ACC)
+    dst = bkv * N * D + offs_k[:, None] * D + offs_d[None, :]
+    kv_mask = (offs_k[:, None] < N) & d_ok[None, :]
+    tl.store(DK + dst, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _xl_bwd_dq_kernel(
+    Q, K, V, R, U, VB, Scale, DO, Lse, Delta, DQ, DU_part, DVB_part,
+    L, N, R_LEN, WINDOW, H, GROUP, D,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    qb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    kv = (bh // H) * (H // GROUP) + h // GROUP
+    mem = N - L
+    i0 = qb * BLOCK
+    offs_m = i0 + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    scale = tl.load(Scale).to(ACC)
+    K += kv * N * D
+    V += kv * N * D
+    R += h * R_LEN * D
+    qu, qv = _query_tile(Q + bh * L * D, U, VB, h, offs_m, offs_d, d_ok, L, D, ACC)
+    do = _load_rows(DO + bh * L * D, offs_m, L, offs_d, d_ok, D)
+    lse2, delta = _row_stats(Lse + bh * L, Delta + bh * L, offs_m, L)
+    dq_ac = tl.zeros([BLOCK, BLOCK_D], ACC)
+    dq_bd = tl.zeros([BLOCK, BLOCK_D], ACC)
+    lo = (tl.maximum(mem + i0 - WINDOW + 1, 0) // BLOCK) * BLOCK
+    hi = tl.minimum(mem + i0 + BLOCK, N)
+    for start in range(lo, hi, BLOCK):
+        offs_k = start + tl.arange(0, BLOCK)
+        k = _load_rows(K, offs_k, N, offs_d, d_ok, D)
+        v = _load_rows(V, offs_k, N, offs_d, d_ok, D)
+        rb = _load_rows(
+            R, _band_rows(mem + i0 - start - BLOCK + 1, R_LEN, BLOCK), R_LEN, offs_d, d_ok, D
+        )
+        s = _scores(qu, qv, k, rb, BLOCK, ACC)
+        ok = _allowed(offs_m, offs_k, mem, N, WINDOW)
+        p, ds = _probs_and_ds(s, ok, lse2, delta, do, v, scale * _LOG2E, ACC)
+        dq_ac += _mm(ds.to(k.dtype), k, ACC)
+        dq_bd += _mm(_to_band(ds, BLOCK).to(rb.dtype), rb, ACC)
+    dq_ac *= scale
+    dq_bd *= scale
+    tl.store(
+        DQ + bh * L * D + offs_m[:, None] * D + offs_d[None, :],
+        (dq_ac + dq_bd).to(DQ.dtype.element_ty),
+        mask=(offs_m[:, None] < L) & d_ok[None, :],
+    )
+    part = (bh * tl.num_programs(0) + qb) * D + offs_d
+    tl.store(DU_part + part, tl.sum(dq_ac, 0), mask=d_ok)
+    tl.store(DVB_part + part, tl.sum(dq_bd, 0), mask=d_ok)
+
+
+@triton.jit
+def _xl_bwd_dr_kernel(
+    Q, K, V, R, U, VB, Scale, DO, Lse, Delta, DR_part,
+    L, N, R_LEN, WINDOW, H, GROUP, D, DIAG0,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    kv = (bh // H) * (H // GROUP) + h // GROUP
+    mem = N - L
+    e = DIAG0 + pid  # this program's tiles have qb - kb == e, hence one band of r rows
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    scale = tl.load(Scale).to(ACC)
+    Q += bh * L * D
+    DO += bh * L * D
+    K += kv * N * D
+    V += kv * N * D
+    rows = _band_rows(mem - BLOCK + 1 + e * BLOCK, R_LEN, BLOCK)
+    rb = _load_rows(R + h * R_LEN * D, rows, R_LEN, offs_d, d_ok, D)
+    dr = tl.zeros([2 * BLOCK, BLOCK_D], ACC)
+    for qb in range(tl.maximum(e, 0), tl.minimum(tl.cdiv(L, BLOCK), tl.cdiv(N, BLOCK) + e)):
+        offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+        offs_k = (qb - e) * BLOCK + tl.arange(0, BLOCK)
+        qu, qv = _query_tile(Q, U, VB, h, offs_m, offs_d, d_ok, L, D, ACC)
+        k = _load_rows(K, offs_k, N, offs_d, d_ok, D)
+        v = _load_rows(V, offs_k, N, offs_d, d_ok, D)
+        do = _load_rows(DO, offs_m, L, offs_d, d_ok, D)
+        lse2, delta = _row_stats(Lse + bh * L, Delta + bh * L, offs_m, L)
+        s = _scores(qu, qv, k, rb, BLOCK, ACC)
+        ok = _allowed(offs_m, offs_k, mem, N, WINDOW)
+        p, ds = _probs_and_ds(s, ok, lse2, delta, do, v, scale * _LOG2E, ACC)
+        dr += _mm(tl.trans(_to_band(ds, BLOCK).to(qv.dtype)), qv, ACC)
+    offs_w = tl.arange(0, 2 * BLOCK)
+    dst = ((bh * tl.num_programs(0) + pid) * 2 * BLOCK + offs_w[:, None]) * D + offs_d[None, :]
+    tl.store(DR_part + dst, dr * scale, mask=d_ok[None, :])
+
+
+# --------------------------------------------------------------------------- launchers
+_TL_DTYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_config(head_dim: int, dtype: torch.dtype, *, interpreted: bool = False):
+    """(BLOCK, num_warps, num_stages) for this head dim and dtype.
+
+    The interpreter takes small blocks, so tiny test shapes still cross many tiles and
+    diagonals. On GPU the [B, 2B] band product is the largest live tile: B = 64 fits the
+    registers up to D = 128 in fp16/bf16; fp32 and larger head dims take B = 32 (every
+    choice is compiled by compile_configs() and checked for spills).
+    """
+    if interpreted:
+        return 16, 4, 1
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32 or block_d > 128:
+        return 32, 4, 2
+    return 64, 4 if block_d <= 64 else 8, 2
+
+
+def xl_check(q: torch.Tensor) -> None:
+    """Raise ValueError / TypeError for inputs this backend cannot serve."""
+    if q.dtype not in _TL_DTYPES:
+        raise TypeError(f"the triton backend takes fp16, bf16, fp32 or fp64, got {q.dtype}")
+    if q.is_cuda:
+        if q.dtype == torch.float64:
+            raise TypeError("the triton backend runs fp64 only in the interpreter (CPU tensors)")
+    elif not (q.device.type == "cpu" and _interpreting()):
+        raise ValueError(
+            "the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+            f"got {q.device}"
+        )
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _setup(q, k, r, scale, window):
+    """(sizes for the kernels, BLOCK, launch meta, the scale as a 1-element tensor).
+
+    The scale travels as a tensor: a Python float argument would be an fp32 scalar, too
+    coarse for the fp64 path.
+    """
+    b, h, n_q, d = q.shape
+    n_k = k.shape[2]
+    block, warps, stages = block_config(d, q.dtype, interpreted=not q.is_cuda)
+    win = n_k if window is None else min(int(window), n_k)
+    sizes = (n_q, n_k, r.shape[1], win, h, h // k.shape[1], d)
+    meta = {
+        "BLOCK": block,
+        "BLOCK_D": max(16, triton.next_power_of_2(d)),
+        "ACC": tl.float64 if q.dtype == torch.float64 else tl.float32,
+        "num_warps": warps,
+        "num_stages": stages,
+    }
+    scale_t = torch.tensor([scale], dtype=_acc(q.dtype), device=q.device)
+    return sizes, block, meta, scale_t
+
+
+def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None):
+    """Forward. q [B, H, L, D]; k, v [B, Hkv, N, D]; r [H, R, D]; u, vb [H, D].
+
+    Returns out [B, H, L, D] (q.dtype) and lse [B, H, L] (fp32, fp64 for fp64).
+    """
+    q, k, v, r, u, vb = (t.contiguous() for t in (q, k, v, r, u, vb))
+    sizes, block, meta, scale_t = _setup(q, k, r, scale, window)
+    b, h, n_q = q.shape[:3]
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, n_q, dtype=_acc(q.dtype), device=q.device)
+    if out.numel():
+        grid = (triton.cdiv(n_q, block), b * h)
+        _xl_fwd_kernel[grid](q, k, v, r, u, vb, scale_t, out, lse, *sizes, **meta)
+    return out, lse
+
+
+def _fold_bands(parts: torch.Tensor, base: int, n_r: int) -> torch.Tensor:
+    """Sum per-diagonal band gradients [B, H, n_diag, 2B, D] into dr [H, R, D].
+
+    Band row t of diagonal p holds distance base + p * B + t, so consecutive bands overlap by
+    B - 1 rows (row 2B - 1 is always zero). Rows at negative distances hold zeros (masked
+    scores); distances >= R - 1 all used r[R - 1].
+    """
+    _, h, n_diag, two_b, d = parts.shape
+    block = two_b // 2
+    parts = parts.sum(0)
+    by_dist = parts.new_zeros(h, n_diag + 1, block, d)
+    by_dist[:, :n_diag] += parts[:, :, :block]
+    by_dist[:, 1:] += parts[:, :, block:]
+    by_dist = by_dist.view(h, (n_diag + 1) * block, d)[:, max(0, -base) :]
+    first = max(0, base)
+    dr = parts.new_zeros(h, n_r, d)
+    exact = max(0, min(n_r - 1 - first, by_dist.shape[1]))
+    dr[:, first : first + exact] = by_dist[:, :exact]
+    dr[:, n_r - 1] += by_dist[:, exact:].sum(1)
+    return dr
+
+
+def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, window: int | None):
+    """Gradients (dq, dk, dv, dr, du, dvb), shaped like q, k, v, r, u, vb.
+
+    dout [B, H, L, D]; lse [B, H, L] from the forward; delta = rowsum(dout * out) - dlse.
+    """
+    q, k, v, r, u, vb, dout = (t.contiguous() for t in (q, k, v, r, u, vb, dout))
+    lse, delta = lse.contiguous(), delta.to(lse.dtype).contiguous()
+    sizes, block, meta, scale_t = _setup(q, k, r, scale, window)
+    n_q, n_k, n_r, win = sizes[:4]
+    b, h, _, d = q.shape
+    if q.numel() == 0:
+        return tuple(torch.zeros_like(t) for t in (q, k, v, r, u, vb))
+    acc = _acc(q.dtype)
+    n_qb, n_kb = triton.cdiv(n_q, block), triton.cdiv(n_k, block)
+    args = (q, k, v, r, u, vb, scale_t, dout, lse, delta)
+
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    _xl_bwd_dkdv_kernel[(n_kb, b * k.shape[1])](*args, dk, dv, *sizes, **meta)
+
+    dq = torch.empty_like(q)
+    du_part = torch.empty(b * h, n_qb, d, dtype=acc, device=q.device)
+    dvb_part = torch.empty_like(du_part)
+    _xl_bwd_dq_kernel[(n_qb, b * h)](*args, dq, du_part, dvb_part, *sizes, **meta)
+
+    # Block diagonals e = qb - kb whose band [dmin, dmin + 2B - 2], dmin = M - B + 1 + e B,
+    # meets the allowed distances [0, window - 1].
+    mem = n_k - n_q
+    e_lo = max(-(n_kb - 1), -((mem + block - 1) // block))
+    e_hi = min(n_qb - 1, (win - 1 - mem + block - 1) // block)
+    n_diag = e_hi - e_lo + 1
+    dr_part = torch.empty(b * h, n_diag, 2 * block, d, dtype=acc, device=q.device)
+    _xl_bwd_dr_kernel[(n_diag, b * h)](*args, dr_part, *sizes, e_lo, **meta)
+    dr = _fold_bands(dr_part.view(b, h, n_diag, 2 * block, d), mem - block + 1 + e_lo * block, n_r)
+
+    du = du_part.view(b, h, n_qb, d).sum((0, 2))
+    dvb = dvb_part.view(b, h, n_qb, d).sum((0, 2))
+    return dq, dk, dv, dr.to(r.dtype), du.to(u.dtype), dvb.to(vb.dtype)
+
+
+# --------------------------------------------------------------------------- AOT configs
+_KERNELS = {
+    "fwd": (_xl_fwd_kernel, ("Out", "Lse")),
+    "bwd_dkdv": (_xl_bwd_dkdv_kernel, ("DO", "Lse", "Delta", "DK", "DV")),
+    "bwd_dq": (_xl_bwd_dq_kernel, ("DO", "Lse", "Delta", "DQ", "DU_part", "DVB_part")),
+    "bwd_dr": (_xl_bwd_dr_kernel, ("DO", "Lse", "Delta", "DR_part")),
+}
+_FP32_PTRS = {"Scale", "Lse", "Delta", "DU_part", "DVB_part", "DR_part"}
+_INTS = ("L", "N", "R_LEN", "WINDOW", "H", "GROUP", "D", "DIAG0")
+
+
+def compile_configs():
+    """Every (kernel, dtype, head-dim bucket) the GPU dispatcher launches, for
+    bench/compile_report.py. Head dims are padded to the next power of two (BLOCK_D)."""
+    for block_d in (16, 32, 64, 128, 256):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            block, warps, stages = block_config(block_d, dtype)
+            ty = _TL_DTYPES[dtype]
+            for label, (fn, outs) in _KERNELS.items():
+                ptrs = ("Q", "K", "V", "R", "U", "VB", "Scale", *outs)
+                sig = {n: "*fp32" if n in _FP32_PTRS else f"*{ty}" for n in ptrs}
+                sig.update({n: "i32" for n in _INTS if n in fn.arg_names})
+                yield KernelConfig(
+                    name=f"xl_{label}[D<={block_d},{ty}]",
+                    fn=fn,
+                    signature=sig,
+                    constexprs={"BLOCK": block, "BLOCK_D": block_d, "ACC": tl.float32},
+                    num_warps=warps,
+                    num_stages=stages,
+                    divisible_by_16=ptrs,
+                )
