@@ -1,0 +1,185 @@
+"""The build: the compiled extension loads and reports itself; Triton AOT compiles for sm_80/90."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from effattn import _extension
+
+
+def test_extension_imports():
+    mod = _extension.load()
+    assert mod is not None, f"effattn._C did not load: {_extension.load_error}"
+    assert _extension.load_error is None
+    assert _extension.load() is mod  # cached
+    assert _extension.require() is mod
+    assert isinstance(mod.version(), str) and mod.version()
+    assert isinstance(mod.with_openmp, bool)
+
+
+def test_cuda_flag_consistent():
+    mod = _extension.load()
+    assert mod is not None, _extension.load_error
+    assert isinstance(mod.with_cuda, bool)
+    assert _extension.has_cpu() is True
+    assert _extension.has_cuda() is mod.with_cuda
+    # The CUDA bindings exist exactly when the CUDA part was built.
+    assert hasattr(mod, "cuda_device_count") is mod.with_cuda
+    if mod.with_cuda:
+        assert mod.cuda_device_count() >= 0  # 0 without a GPU or driver, never an exception
+        assert mod.cuda_runtime_version() >= 11000
+
+
+def test_num_threads():
+    mod = _extension.load()
+    assert mod is not None, _extension.load_error
+    n = mod.num_threads()
+    assert isinstance(n, int) and n >= 1
+    try:
+        mod.set_num_threads(1)
+        assert mod.num_threads() == 1
+        mod.set_num_threads(n + 1)
+        assert mod.num_threads() == n + 1
+        with pytest.raises(ValueError):
+            mod.set_num_threads(0)
+    finally:
+        mod.set_num_threads(n)
+    assert mod.num_threads() == n
+
+
+# --------------------------------------------------------------------------------------------
+# Triton ahead-of-time compilation (no GPU needed)
+# --------------------------------------------------------------------------------------------
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _scaled(x, SCALE: tl.constexpr):  # a helper: exercises calls between jit functions
+        return x * SCALE
+
+    @triton.jit
+    def _tiny_row_softmax(X, Y, n_cols, stride_x, BLOCK: tl.constexpr, SCALE: tl.constexpr = 1.0):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        x = _scaled(x, SCALE)
+        p = tl.exp(x - tl.max(x, axis=0))
+        y = p / tl.sum(p, axis=0)
+        tl.store(Y + row * stride_x + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _tiny_dot(A, B, C, M, stride_am, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        a = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=rm[:, None] < M, other=0.0)
+        b = tl.load(B + rk[:, None] * BN + rn[None, :])
+        c = tl.dot(a, b)
+        tl.store(C + rm[:, None] * BN + rn[None, :], c.to(tl.float16), mask=rm[:, None] < M)
+
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+SOFTMAX_SIG = {"X": "*fp16", "Y": "*fp16", "n_cols": "i32", "stride_x": "i32"}
+DOT_SIG = {"A": "*fp16", "B": "*fp16", "C": "*fp16", "M": "i32", "stride_am": "i32"}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Every AOT build of this module in one batch (one child process under TRITON_INTERPRET)."""
+    from effattn._aot import KernelConfig, aot_compile_configs
+
+    configs = [
+        # SCALE is left out: it takes its default, as with the JIT
+        KernelConfig("softmax", _tiny_row_softmax, SOFTMAX_SIG, {"BLOCK": 1024}, 4, 1),
+        KernelConfig("dot64", _tiny_dot, DOT_SIG, {"BM": 64, "BN": 64, "BK": 32}, 4, 2),
+        # a plain tuple works too; BK=8 is below tl.dot's minimum of 16: a compile error
+        ("dot-bad", _tiny_dot, DOT_SIG, {"BM": 64, "BN": 64, "BK": 8}, 4, 2, None, (80,)),
+    ]
+    rows = aot_compile_configs(configs, archs=(80, 90))
+    return {(r["kernel"], r["arch"]): r for r in rows}
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", [80, 90])
+def test_aot_softmax(compiled, arch):
+    info = compiled[("softmax", arch)]
+    assert info["problems"] == [], info.get("error")
+    assert info["arch"] == arch
+    assert info["sm"].startswith(f"sm_{arch}")
+    assert 0 < info["regs"] <= 255
+    assert info["spills"] == 0
+    assert 0 <= info["smem"] <= info["smem_limit"]
+    assert info["threads"] == 128
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", [80, 90])
+def test_aot_dot_uses_shared_memory(compiled, arch):
+    info = compiled[("dot64", arch)]
+    assert info["problems"] == [], info.get("error")
+    assert info["spills"] == 0
+    assert info["smem"] > 0  # dot operands are staged through shared memory
+
+
+@needs_triton
+def test_aot_compile_error_is_reported(compiled):
+    assert ("dot-bad", 90) not in compiled  # restricted to sm_80 by its config
+    bad = compiled[("dot-bad", 80)]
+    assert "error" in bad and bad["problems"][0].startswith("compile error")
+
+
+@needs_triton
+def test_aot_compile_single(compiled):
+    from effattn._aot import aot_compile, check
+
+    info = aot_compile(_tiny_dot, DOT_SIG, {"BM": 64, "BN": 64, "BK": 32}, 90, 4, 2)
+    assert check(info) == []
+    # Same numbers as the batch (served from Triton's cache and effattn's ptxas record).
+    batch = compiled[("dot64", 90)]
+    assert {k: batch[k] for k in info} == info
+
+
+@needs_triton
+def test_aot_compile_rejects_incomplete_signature():
+    from effattn._aot import aot_compile
+
+    with pytest.raises(ValueError, match="stride_x"):
+        aot_compile(_tiny_row_softmax, {"X": "*fp32", "Y": "*fp32", "n_cols": "i32"}, {"BLOCK": 64})
+    with pytest.raises(ValueError, match="nope"):
+        aot_compile(
+            _tiny_row_softmax,
+            {"X": "*fp32", "Y": "*fp32", "n_cols": "i32", "stride_x": "i32", "nope": "i32"},
+            {"BLOCK": 64},
+        )
+
+
+def test_parse_ptxas_log():
+    from effattn._aot import check, parse_ptxas_log
+
+    log = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_80'
+ptxas info    : Function properties for _Z3fooPf
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 2048 bytes smem, 368 bytes cmem[0]
+ptxas-blackwell info    : Compiling entry function 'k' for 'sm_90a'
+ptxas-blackwell info    : Function properties for k
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas-blackwell info    : Used 40 registers, used 0 barriers
+"""
+    recs = parse_ptxas_log(log)
+    foo = recs[("_Z3fooPf", "sm_80")]
+    assert foo["regs"] == 255 and foo["static_smem"] == 2048 and foo["spills"] == 8
+    k = recs[("k", "sm_90a")]
+    assert k["regs"] == 40 and k["spills"] == 0 and k["static_smem"] == 0
+    info = {**foo, "smem": 2048, "smem_limit": 1024, "threads": 512}
+    problems = check(info)
+    assert len(problems) == 3  # spills, shared memory, 255 regs x 512 threads
