@@ -394,19 +394,12 @@ class SparseMultiheadAttention(nn.Module):
         blocked = None if attn_mask is None else _blocked_from(attn_mask, "attn_mask")
         if blocked is not None and blocked.dim() == 3:
             blocked = blocked.view(-1, h, n_q, n_k)
-        extra_k, extra_v = self._extra_keys(q)
-        scale = d**-0.5
-        if need_weights:
-            out, weights = self._dense(q, k, v, kpm, blocked, is_causal, extra_k, extra_v, scale)
-            weights = weights.mean(dim=1) if average_attn_weights else weights
-        else:
-            weights = None
-            if blocked is None and not is_causal:
-                out = self._sparse(q, k, v, kpm, self._pattern, extra_k, extra_v, scale)
-            elif blocked is None and self._causal_pattern is not None:
-                out = self._sparse(q, k, v, kpm, self._causal_pattern, extra_k, extra_v, scale)
-            else:
-                out = self._sparse_masked(q, k, v, kpm, blocked, is_causal, extra_k, extra_v, scale)
+        # The attention runs in the precision the kernels choose for q's dtype (fp32
+        # accumulation): autocast would re-cast the matmuls inside them.
+        with torch.autocast(q.device.type, enabled=False):
+            out, weights = self._attend(q, k, v, kpm, blocked, is_causal, need_weights)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
         out = out.transpose(1, 2).reshape(b, n_q, self.embed_dim)
         out = self.out_proj(out)
         if not is_batched:
@@ -415,6 +408,20 @@ class SparseMultiheadAttention(nn.Module):
         elif not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _attend(self, q, k, v, kpm, blocked, is_causal: bool, need_weights: bool):
+        """(out [B, H, L, D], weights [B, H, L, S'] or None) from projected heads."""
+        extra_k, extra_v = self._extra_keys(q)
+        scale = q.shape[-1] ** -0.5
+        if need_weights:
+            return self._dense(q, k, v, kpm, blocked, is_causal, extra_k, extra_v, scale)
+        if blocked is None and not is_causal:
+            out = self._sparse(q, k, v, kpm, self._pattern, extra_k, extra_v, scale)
+        elif blocked is None and self._causal_pattern is not None:
+            out = self._sparse(q, k, v, kpm, self._causal_pattern, extra_k, extra_v, scale)
+        else:
+            out = self._sparse_masked(q, k, v, kpm, blocked, is_causal, extra_k, extra_v, scale)
+        return out, None
 
     def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
         for name, t in (("query", query), ("key", key), ("value", value)):
@@ -529,10 +536,12 @@ class SparseMultiheadAttention(nn.Module):
             # Zero columns change no score and give zero output columns: exact, O(n) memory.
             pad = (0, MIN_HEAD_DIM - d)
             q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+        # Contiguous inputs: the kernels' gradients come back contiguous, and a compiled graph
+        # must not expect them strided like a transposed view.
         res = sparse_attention(
-            q,
-            k,
-            v,
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
             pattern,
             scale=scale,
             key_padding_mask=kpm,
@@ -758,7 +767,8 @@ def replace_attention(
 
     swaps = []
     for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent.named_children():
+        # _modules, not named_children(): that skips a module's second name.
+        for attr, child in parent._modules.items():
             if isinstance(child, nn.MultiheadAttention):
                 name = f"{parent_name}.{attr}" if parent_name else attr
                 swaps.append((parent, attr, name, child))
