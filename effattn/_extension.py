@@ -47,8 +47,9 @@ def require() -> ModuleType:
 
 
 def has_cpu() -> bool:
-    """True when the C++ CPU kernels are available."""
-    return load() is not None
+    """True when the loaded extension carries the C++ CPU attention kernels."""
+    mod = load()
+    return mod is not None and hasattr(mod, "cpu_sparse_forward")
 
 
 def has_cuda() -> bool:

@@ -1,14 +1,14 @@
-// Thread count shared by the CPU kernels.
+// Default thread count of the CPU kernels.
 //
-// Use it explicitly in every parallel region, e.g.
-//   #pragma omp parallel for num_threads(effattn::num_threads())
-// so that set_num_threads() applies whichever Python thread calls the kernel (OpenMP's own
-// omp_set_num_threads only changes the calling thread's setting).
+// Every kernel call carries its own thread count (effattn/ops/cpu.py passes
+// torch.get_num_threads(), so the kernels follow torch.set_num_threads); this setting is the
+// default for callers of effattn._C that pass none. The kernels' threads are std::threads
+// started per call (cpu::parallel_for in kernels.h), independent of any OpenMP runtime.
 #pragma once
 
 namespace effattn {
 
-int num_threads();           // >= 1
+int num_threads();            // >= 1
 void set_num_threads(int n);  // n >= 1
 
 }  // namespace effattn

@@ -1,11 +1,21 @@
-// Bindings of the C++ CPU backend.  Kernels live in other csrc/cpu/*.cpp files (each is picked up
-// by CMake's GLOB) and are bound here.
+// Bindings of the C++ CPU backend.
+//
+// The kernels take one dict of plain ints per call (data pointers as ints, shapes, element
+// strides as lists), built and validated by effattn/ops/cpu.py; missing keys raise KeyError.
+// The GIL is released while they run.
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
+#include <string>
 #include <thread>
+#include <vector>
 
+#include "cpu/dispatch.h"
+#include "cpu/kernels.h"
 #include "cpu/parallel.h"
 #include "register.h"
+
+#include <pybind11/stl.h>
 
 #ifdef EFFATTN_OPENMP
 #include <omp.h>
@@ -26,6 +36,131 @@ int default_threads() {
 
 std::atomic<int> g_num_threads{0};  // 0: not set yet, use default_threads()
 
+int64_t get_int(const py::dict& d, const char* key) {
+  if (!d.contains(key)) throw py::key_error(std::string("missing argument '") + key + "'");
+  return d[key].cast<int64_t>();
+}
+
+int64_t get_int(const py::dict& d, const char* key, int64_t fallback) {
+  return d.contains(key) ? d[key].cast<int64_t>() : fallback;
+}
+
+template <class T>
+T* get_ptr(const py::dict& d, const char* key) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(get_int(d, key, 0)));
+}
+
+void get_strides(const py::dict& d, const char* key, int64_t* out, size_t n) {
+  if (!d.contains(key)) throw py::key_error(std::string("missing argument '") + key + "'");
+  const auto s = d[key].cast<std::vector<int64_t>>();
+  if (s.size() != n)
+    throw py::value_error(std::string(key) + ": expected " + std::to_string(n) + " strides");
+  std::copy(s.begin(), s.end(), out);
+}
+
+cpu::Kernels kernels_for(const py::dict& d) {
+  const std::string isa = d.contains("isa") ? d["isa"].cast<std::string>() : "";
+  const cpu::Kernels k = cpu::select_kernels(isa);
+  if (k.name == nullptr) throw py::value_error("CPU kernels for '" + isa + "' are not available");
+  return k;
+}
+
+cpu::SparseArgs sparse_args(const py::dict& d) {
+  cpu::SparseArgs a;
+  a.dtype = static_cast<int>(get_int(d, "dtype"));
+  a.threads = static_cast<int>(std::max<int64_t>(1, get_int(d, "threads")));
+  a.B = get_int(d, "B");
+  a.H = get_int(d, "H");
+  a.Hkv = get_int(d, "Hkv");
+  a.n_q = get_int(d, "n_q");
+  a.n_k = get_int(d, "n_k");
+  a.D = get_int(d, "D");
+  a.q = get_ptr<const void>(d, "q");
+  a.k = get_ptr<const void>(d, "k");
+  a.v = get_ptr<const void>(d, "v");
+  get_strides(d, "sq", a.sq, 4);
+  get_strides(d, "sk", a.sk, 4);
+  get_strides(d, "sv", a.sv, 4);
+  a.scale = d["scale"].cast<double>();
+  a.key_mask = get_ptr<const uint8_t>(d, "key_mask");
+  if (a.key_mask) get_strides(d, "skm", a.skm, 3);
+  a.out = get_ptr<void>(d, "out");
+  a.lse = get_ptr<void>(d, "lse");
+  a.dout = get_ptr<const void>(d, "dout");
+  if (a.dout) get_strides(d, "sdo", a.sdo, 4);
+  a.lse_in = get_ptr<const void>(d, "lse_in");
+  a.delta = get_ptr<const void>(d, "delta");
+  a.dq = get_ptr<void>(d, "dq");
+  a.dk = get_ptr<void>(d, "dk");
+  a.dv = get_ptr<void>(d, "dv");
+  a.q_offset = get_int(d, "q_offset");
+  a.BM = get_int(d, "BM");
+  a.BN = get_int(d, "BN");
+  a.P = get_int(d, "P");
+  a.nqb = get_int(d, "nqb");
+  a.nkb = get_int(d, "nkb");
+  a.kv_full_num = get_ptr<const int32_t>(d, "kv_full_num");
+  a.kv_full_idx = get_ptr<const int32_t>(d, "kv_full_idx");
+  a.kv_part_num = get_ptr<const int32_t>(d, "kv_part_num");
+  a.kv_part_idx = get_ptr<const int32_t>(d, "kv_part_idx");
+  a.kv_part_tile = get_ptr<const int32_t>(d, "kv_part_tile");
+  a.kv_full_w = get_int(d, "kv_full_w");
+  a.kv_part_w = get_int(d, "kv_part_w");
+  a.q_full_num = get_ptr<const int32_t>(d, "q_full_num");
+  a.q_full_idx = get_ptr<const int32_t>(d, "q_full_idx");
+  a.q_part_num = get_ptr<const int32_t>(d, "q_part_num");
+  a.q_part_idx = get_ptr<const int32_t>(d, "q_part_idx");
+  a.q_part_tile = get_ptr<const int32_t>(d, "q_part_tile");
+  a.q_full_w = get_int(d, "q_full_w");
+  a.q_part_w = get_int(d, "q_part_w");
+  a.terms = get_ptr<const int32_t>(d, "terms");
+  a.num_terms = get_int(d, "num_terms", 0);
+  a.tiles = get_ptr<const uint8_t>(d, "tiles");
+  return a;
+}
+
+cpu::XlArgs xl_args(const py::dict& d) {
+  cpu::XlArgs a;
+  a.dtype = static_cast<int>(get_int(d, "dtype"));
+  a.threads = static_cast<int>(std::max<int64_t>(1, get_int(d, "threads")));
+  a.B = get_int(d, "B");
+  a.H = get_int(d, "H");
+  a.Hkv = get_int(d, "Hkv");
+  a.L = get_int(d, "L");
+  a.N = get_int(d, "N");
+  a.D = get_int(d, "D");
+  a.R = get_int(d, "R");
+  a.window = get_int(d, "window", 0);
+  a.q = get_ptr<const void>(d, "q");
+  a.k = get_ptr<const void>(d, "k");
+  a.v = get_ptr<const void>(d, "v");
+  a.r = get_ptr<const void>(d, "r");
+  a.u = get_ptr<const void>(d, "u");
+  a.vb = get_ptr<const void>(d, "vb");
+  get_strides(d, "sq", a.sq, 4);
+  get_strides(d, "sk", a.sk, 4);
+  get_strides(d, "sv", a.sv, 4);
+  get_strides(d, "sr", a.sr, 3);
+  get_strides(d, "su", a.su, 2);
+  get_strides(d, "svb", a.svb, 2);
+  a.scale = d["scale"].cast<double>();
+  a.BM = get_int(d, "BM");
+  a.BN = get_int(d, "BN");
+  a.out = get_ptr<void>(d, "out");
+  a.lse = get_ptr<void>(d, "lse");
+  a.dout = get_ptr<const void>(d, "dout");
+  if (a.dout) get_strides(d, "sdo", a.sdo, 4);
+  a.lse_in = get_ptr<const void>(d, "lse_in");
+  a.delta = get_ptr<const void>(d, "delta");
+  a.dq = get_ptr<void>(d, "dq");
+  a.dk = get_ptr<void>(d, "dk");
+  a.dv = get_ptr<void>(d, "dv");
+  a.dr = get_ptr<void>(d, "dr");
+  a.du = get_ptr<void>(d, "du");
+  a.dvb = get_ptr<void>(d, "dvb");
+  return a;
+}
+
 }  // namespace
 
 int num_threads() {
@@ -39,9 +174,53 @@ void set_num_threads(int n) {
 }
 
 void register_cpu(py::module_& m) {
-  m.def("num_threads", &num_threads, "Threads used by the CPU kernels (>= 1).");
+  m.def("num_threads", &num_threads, "Default thread count of the CPU kernels (>= 1).");
   m.def("set_num_threads", &set_num_threads, py::arg("n"),
-        "Set the threads used by the CPU kernels' parallel loops.");
+        "Set the default thread count of the CPU kernels.");
+  m.def(
+      "cpu_isas",
+      []() {
+        std::vector<std::string> names;
+        for (const cpu::Kernels& k : cpu::available_kernels()) names.emplace_back(k.name);
+        return names;
+      },
+      "Instruction sets of the CPU kernels that run here, the default (widest) first.");
+  m.def(
+      "cpu_sparse_forward",
+      [](const py::dict& d) {
+        const cpu::Kernels k = kernels_for(d);
+        const cpu::SparseArgs a = sparse_args(d);
+        py::gil_scoped_release release;
+        k.sparse_forward(a);
+      },
+      py::arg("args"), "Block-sparse attention forward of one plan part (see effattn.ops.cpu).");
+  m.def(
+      "cpu_sparse_backward",
+      [](const py::dict& d) {
+        const cpu::Kernels k = kernels_for(d);
+        const cpu::SparseArgs a = sparse_args(d);
+        py::gil_scoped_release release;
+        k.sparse_backward(a);
+      },
+      py::arg("args"), "Block-sparse attention backward of one plan part.");
+  m.def(
+      "cpu_xl_forward",
+      [](const py::dict& d) {
+        const cpu::Kernels k = kernels_for(d);
+        const cpu::XlArgs a = xl_args(d);
+        py::gil_scoped_release release;
+        k.xl_forward(a);
+      },
+      py::arg("args"), "Transformer-XL attention forward.");
+  m.def(
+      "cpu_xl_backward",
+      [](const py::dict& d) {
+        const cpu::Kernels k = kernels_for(d);
+        const cpu::XlArgs a = xl_args(d);
+        py::gil_scoped_release release;
+        k.xl_backward(a);
+      },
+      py::arg("args"), "Transformer-XL attention backward.");
 }
 
 }  // namespace effattn

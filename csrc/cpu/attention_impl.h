@@ -1,0 +1,845 @@
+// Block-sparse and Transformer-XL attention on CPU: flash-style tiles, online softmax in base 2.
+//
+// Compiled once per instruction set by isa_*.cpp, which define EFFATTN_ISA (the namespace of the
+// exported entry points) and the EFFATTN_TILE_* shapes before including this file, after
+// kernels.h and under their target pragma. Everything but the entry points has internal linkage
+// (see kernels.h for why).
+//
+// Common scheme. Keys and values are packed once per call into block panels: Kt [D][BN] per key
+// block (so a row of scores is a vector FMA over keys), V [BN][Dp] (Dp = D rounded up to 16, so
+// an output row is whole vectors). Scores are kept in base 2: s2 = (q . k) * scale * log2(e),
+// p = 2^(s2 - m); lse = (m + log2(l)) * ln(2). The backward recomputes s2 with the same
+// arithmetic, so exp2(s2 - lse2) reproduces the forward's probabilities.
+//
+// Parallelism and determinism. Forward: one task per (batch, head, query block), each writing
+// its own rows. Backward: one task per (batch, kv head, segment of key blocks); a task owns the
+// dk / dv rows of its key blocks and accumulates its query gradients into its segment's buffer,
+// visiting key blocks, heads of the group and query blocks in a fixed order; the segment
+// buffers are then summed in segment order. The number of segments depends only on the problem
+// (never on the thread count), so results are bitwise identical for any number of threads.
+
+namespace effattn {
+namespace cpu {
+namespace {
+
+#include "cpu/simd.h"
+
+constexpr i64 kPad = 16;  // D is padded to a multiple of this many elements (64 B in fp32)
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+constexpr int kGroupEq = 0, kGroupLt = 1;  // effattn.patterns.GROUP_EQ / GROUP_LT (else NE)
+
+inline i64 round_up(i64 x, i64 m) { return (x + m - 1) / m * m; }
+
+template <class T>
+class Buf {
+ public:
+  explicit Buf(i64 n) : p_(static_cast<T*>(alloc_buffer(sizeof(T) * static_cast<size_t>(n)))) {}
+  ~Buf() { free_buffer(p_); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  T* get() const { return p_; }
+
+ private:
+  T* p_;
+};
+
+template <class F>
+void run_parallel(i64 n, int threads, F& f) {
+  parallel_for(
+      n, threads, [](void* ctx, i64 task, int thread) { (*static_cast<F*>(ctx))(task, thread); },
+      &f);
+}
+
+// Backward segments: split so that every task has work even with few batch x kv-head pairs,
+// from the problem size alone (see the top of the file).
+inline int num_segments(i64 pairs, i64 nkb) {
+  const i64 want = pairs >= 8 ? 1 : (8 + pairs - 1) / pairs;
+  return static_cast<int>(imax(1, imin(imin(want, 4), nkb)));
+}
+
+// bounds[0..S]: contiguous key-block ranges of about equal total work.
+inline void split_segments(const i64* work, i64 nkb, int S, i64* bounds) {
+  i64 total = 0;
+  for (i64 kb = 0; kb < nkb; ++kb) total += work[kb];
+  bounds[0] = 0;
+  i64 acc = 0, kb = 0;
+  for (int s = 1; s < S; ++s) {
+    const i64 target = total * s / S;
+    while (kb < nkb && acc + work[kb] <= target) acc += work[kb++];
+    bounds[s] = imax(kb, bounds[s - 1]);
+  }
+  bounds[S] = nkb;
+}
+
+// ------------------------------------------------------------------------------- packing
+// Panels of the rows of a [N, D] matrix (element strides sn, sd), zero past n and D:
+// transposed blocks dst[kb][d][BN] when `transposed`, else rows dst[j][Dp].
+template <class T>
+void pack_block(const T* src, i64 sn, i64 sd, i64 n, i64 D, i64 Dp, i64 BN, i64 kb,
+                bool transposed, T* dst) {
+  const i64 j0 = kb * BN, cnt = imin(BN, n - j0);
+  if (transposed) {
+    T* blk = dst + kb * D * BN;
+    for (i64 jj = 0; jj < cnt; ++jj) {
+      const T* row = src + (j0 + jj) * sn;
+      for (i64 d = 0; d < D; ++d) blk[d * BN + jj] = row[d * sd];
+    }
+  } else {
+    for (i64 jj = 0; jj < cnt; ++jj) {
+      const T* row = src + (j0 + jj) * sn;
+      T* out = dst + (j0 + jj) * Dp;
+      if (sd == 1) {
+        __builtin_memcpy(out, row, sizeof(T) * static_cast<size_t>(D));
+      } else {
+        for (i64 d = 0; d < D; ++d) out[d] = row[d * sd];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------- masks
+// 0 for the keys of block [j0, j0 + BN) that head (b, h) may see, -inf for keys past n_k or
+// hidden by the key mask. Returns false (bias untouched) when every key is visible.
+template <class T>
+bool column_bias(const uint8_t* km, i64 skn, i64 n_k, i64 j0, i64 BN, T* bias) {
+  const i64 n = imin(BN, n_k - j0);
+  if (km == nullptr && n == BN) return false;
+  for (i64 jj = 0; jj < BN; ++jj) {
+    const bool visible = jj < n && (km == nullptr || km[(j0 + jj) * skn] == 0);
+    bias[jj] = visible ? T(0) : neg_inf<T>();
+  }
+  return true;
+}
+
+// 0 where query position p may attend key j0 + jj under an OR of packed terms [nt, 9]
+// (effattn.patterns.Term: band, modulus, group, columns), -inf elsewhere. Each term is reduced
+// to an interval of keys (band and group), then stepped through (modulus) and filtered
+// (columns), so no division runs per element except when modulus and columns meet.
+template <class T>
+void term_bias(const int32_t* terms, i64 nt, i64 p, i64 j0, i64 BN, T* bias) {
+  for (i64 jj = 0; jj < BN; ++jj) bias[jj] = neg_inf<T>();
+  for (i64 t = 0; t < nt; ++t) {
+    const int32_t* f = terms + 9 * t;
+    const i64 lo = f[0], hi = f[1], mod = f[2], gq = f[3], gk = f[4], grel = f[5];
+    const i64 smod = f[6], smin = f[7], smax = f[8];
+    i64 a = imax(j0, p - hi), z = imin(j0 + BN - 1, p - lo);
+    i64 ex_a = 1, ex_z = 0;  // excluded interval (group "!=")
+    if (gq > 0) {
+      const i64 g0 = floordiv(p, gq) * gk, g1 = g0 + gk - 1;
+      if (grel == kGroupEq) {
+        a = imax(a, g0);
+        z = imin(z, g1);
+      } else if (grel == kGroupLt) {
+        z = imin(z, g0 - 1);
+      } else {
+        ex_a = g0;
+        ex_z = g1;
+      }
+    }
+    if (a > z) continue;
+    if (mod > 0) {
+      for (i64 j = a + posmod(p - a, mod); j <= z; j += mod) {
+        if (j >= ex_a && j <= ex_z) continue;
+        if (smod > 0) {
+          const i64 rem = posmod(j, smod);
+          if (rem < smin || rem > smax) continue;
+        }
+        bias[j - j0] = T(0);
+      }
+    } else {
+      i64 rem = smod > 0 ? posmod(a, smod) : 0;
+      for (i64 j = a; j <= z; ++j) {
+        const bool ok = !(j >= ex_a && j <= ex_z) && (smod == 0 || (rem >= smin && rem <= smax));
+        if (ok) bias[j - j0] = T(0);
+        if (smod > 0 && ++rem == smod) rem = 0;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------- softmax
+// One row of the online softmax: s [BN] holds scores in base 2 (masked ones -inf); replaces
+// them by probabilities exp2(s - m_new), updates the running max m and sum l, and rescales the
+// output accumulator row acc [Dp].
+template <class T>
+inline void softmax_update(T* s, i64 BN, T& m, T& l, T* acc, i64 Dp) {
+  constexpr int W = VT<T>::W;
+  Vec<T> mx = vset<T>(neg_inf<T>());
+  for (i64 j = 0; j < BN; j += W) mx = vmax<T>(mx, vld(s + j));
+  const T row_max = hmax<T>(mx);
+  const T m_new = row_max > m ? row_max : m;
+  if (m_new == neg_inf<T>()) {
+    for (i64 j = 0; j < BN; j += W) vst(s + j, Vec<T>{});
+    return;
+  }
+  const Vec<T> mv = vset<T>(m_new);
+  Vec<T> sum = Vec<T>{};
+  for (i64 j = 0; j < BN; j += W) {
+    const Vec<T> e = vexp2(vld(s + j) - mv);
+    vst(s + j, e);
+    sum += e;
+  }
+  const T alpha = sexp2(m - m_new);  // 0 on the first visible block (m = -inf)
+  l = l * alpha + hsum<T>(sum);
+  m = m_new;
+  if (alpha != T(1)) {
+    for (i64 d = 0; d < Dp; d += W) vst(acc + d, vld(acc + d) * alpha);
+  }
+}
+
+// out[r] = acc[r] / l[r], lse[r] = (m[r] + log2(l[r])) ln 2; zero and -inf for empty rows.
+template <class T>
+void finalize_rows(i64 rows, i64 D, i64 Dp, const T* acc, const T* m, const T* l, T* out,
+                   T* lse) {
+  for (i64 r = 0; r < rows; ++r) {
+    const bool any = l[r] > T(0);
+    const T inv = any ? T(1) / l[r] : T(0);
+    for (i64 d = 0; d < D; ++d) out[r * D + d] = acc[r * Dp + d] * inv;
+    lse[r] = any ? (m[r] + slog2(l[r])) * T(kLn2) : neg_inf<T>();
+  }
+}
+
+// ------------------------------------------------------------------------------- sparse
+struct LayoutRow {
+  i64 num_full, num;
+  const int32_t* full;
+  const int32_t* part;
+  const int32_t* tile;  // null unless the layout stores tiles
+  i64 block(i64 t) const { return t < num_full ? full[t] : part[t - num_full]; }
+};
+
+inline LayoutRow kv_row(const SparseArgs& a, i64 c, i64 qb) {
+  const i64 at = c * a.nqb + qb;
+  const i64 nf = a.kv_full_num[at];
+  return {nf,
+          nf + a.kv_part_num[at],
+          a.kv_full_idx + at * a.kv_full_w,
+          a.kv_part_idx + at * a.kv_part_w,
+          a.kv_part_tile ? a.kv_part_tile + at * a.kv_part_w : nullptr};
+}
+
+inline LayoutRow q_row(const SparseArgs& a, i64 c, i64 kb) {
+  const i64 at = c * a.nkb + kb;
+  const i64 nf = a.q_full_num[at];
+  return {nf,
+          nf + a.q_part_num[at],
+          a.q_full_idx + at * a.q_full_w,
+          a.q_part_idx + at * a.q_part_w,
+          a.q_part_tile ? a.q_part_tile + at * a.q_part_w : nullptr};
+}
+
+// Pattern bias of row il (absolute position p) of a partial block starting at key j0.
+template <class T>
+void partial_bias(const SparseArgs& a, i64 c, i64 tile, i64 il, i64 p, i64 j0, T* bias) {
+  if (a.tiles != nullptr) {
+    const uint8_t* row = a.tiles + (tile * a.BM + il) * a.BN;
+    for (i64 jj = 0; jj < a.BN; ++jj) bias[jj] = row[jj] ? T(0) : neg_inf<T>();
+  } else {
+    term_bias<T>(a.terms + c * a.num_terms * 9, a.num_terms, p, j0, a.BN, bias);
+  }
+}
+
+// s = s * c2 (+ column bias) (+ row bias), in place over BN scores.
+template <class T>
+inline void scale_bias(T* s, i64 BN, T c2, const T* colb, const T* rowb) {
+  constexpr int W = VT<T>::W;
+  for (i64 j = 0; j < BN; j += W) {
+    Vec<T> x = vld(s + j) * c2;
+    if (colb) x += vld(colb + j);
+    if (rowb) x += vld(rowb + j);
+    vst(s + j, x);
+  }
+}
+
+template <class T>
+const uint8_t* key_mask_of(const SparseArgs& a, i64 b, i64 h) {
+  return a.key_mask ? a.key_mask + b * a.skm[0] + h * a.skm[1] : nullptr;
+}
+
+template <class T>
+void sparse_forward_impl(const SparseArgs& a) {
+  const i64 BM = a.BM, BN = a.BN, D = a.D, Dp = round_up(D, kPad);
+  const i64 NKP = a.nkb * BN, pairs = a.B * a.Hkv, group = a.H / a.Hkv;
+  const T c2 = static_cast<T>(a.scale * kLog2e);
+  Buf<T> kt(pairs * NKP * D), vp(pairs * NKP * Dp);
+  auto pack = [&](i64 task, int) {
+    const i64 kb = task % a.nkb, bk = task / a.nkb, b = bk / a.Hkv, hk = bk % a.Hkv;
+    const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
+    const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
+    pack_block(k, a.sk[2], a.sk[3], a.n_k, D, Dp, BN, kb, true, kt.get() + bk * NKP * D);
+    pack_block(v, a.sv[2], a.sv[3], a.n_k, D, Dp, BN, kb, false, vp.get() + bk * NKP * Dp);
+  };
+  run_parallel(pairs * a.nkb, a.threads, pack);
+
+  // Per thread: Q block, scores, accumulator, m, l, column and row biases.
+  const i64 per_thread = 2 * BM * Dp + BM * BN + 2 * BM + 2 * BN;
+  Buf<T> scratch(per_thread * a.threads);
+  auto body = [&](i64 task, int thread) {
+    // Late query blocks first: under causal patterns they carry the most work.
+    const i64 qb = a.nqb - 1 - task % a.nqb, bh = task / a.nqb, b = bh / a.H, h = bh % a.H;
+    const i64 c = h % a.P, bk = b * a.Hkv + h / group;
+    const i64 i0 = qb * BM, rows = imin(BM, a.n_q - i0);
+    T* qs = scratch.get() + thread * per_thread;
+    T* S = qs + BM * Dp;
+    T* acc = S + BM * BN;
+    T* m = acc + BM * Dp;
+    T* l = m + BM;
+    T* colb = l + BM;
+    T* rowb = colb + BN;
+    T* out = static_cast<T*>(a.out) + (bh * a.n_q + i0) * D;
+    T* lse = static_cast<T*>(a.lse) + bh * a.n_q + i0;
+    const LayoutRow lr = kv_row(a, c, qb);
+
+    const T* q = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1] + i0 * a.sq[2];
+    for (i64 r = 0; r < BM; ++r)
+      for (i64 d = 0; d < D; ++d) qs[r * Dp + d] = r < rows ? q[r * a.sq[2] + d * a.sq[3]] : T(0);
+    for (i64 x = 0; x < BM * Dp; ++x) acc[x] = T(0);
+    for (i64 r = 0; r < BM; ++r) {
+      m[r] = neg_inf<T>();
+      l[r] = T(0);
+    }
+    const uint8_t* km = key_mask_of<T>(a, b, h);
+    const T* kt_bh = kt.get() + bk * NKP * D;
+    const T* vp_bh = vp.get() + bk * NKP * Dp;
+    for (i64 t = 0; t < lr.num; ++t) {
+      const i64 kb = lr.block(t), j0 = kb * BN;
+      const bool partial = t >= lr.num_full;
+      gemm_abt<T>(BM, BN, D, qs, Dp, kt_bh + kb * D * BN, BN, S, BN);
+      const T* cb = column_bias<T>(km, a.skm[2], a.n_k, j0, BN, colb) ? colb : nullptr;
+      for (i64 r = 0; r < rows; ++r) {
+        if (partial)
+          partial_bias<T>(a, c, lr.tile ? lr.tile[t - lr.num_full] : 0, r, a.q_offset + i0 + r,
+                          j0, rowb);
+        scale_bias<T>(S + r * BN, BN, c2, cb, partial ? rowb : nullptr);
+        softmax_update<T>(S + r * BN, BN, m[r], l[r], acc + r * Dp, Dp);
+      }
+      for (i64 x = rows * BN; x < BM * BN; ++x) S[x] = T(0);
+      gemm_ab<T>(BM, Dp, BN, S, BN, 1, vp_bh + j0 * Dp, Dp, acc, Dp);
+    }
+    finalize_rows<T>(rows, D, Dp, acc, m, l, out, lse);
+  };
+  run_parallel(a.B * a.H * a.nqb, a.threads, body);
+}
+
+template <class T>
+void sparse_backward_impl(const SparseArgs& a) {
+  const i64 BM = a.BM, BN = a.BN, D = a.D, Dp = round_up(D, kPad);
+  const i64 NKP = a.nkb * BN, NQP = a.nqb * BM, pairs = a.B * a.Hkv, group = a.H / a.Hkv;
+  const i64 BH = a.B * a.H;
+  const T c2 = static_cast<T>(a.scale * kLog2e), scale = static_cast<T>(a.scale);
+
+  // Packed operands: Kt and Vt blocks [D][BN] (scores, dP), K rows [Dp] (dQ); Q and dO rows
+  // [Dp]; lse in base 2 (+inf for rows without gradient, so their probabilities are 0).
+  Buf<T> kt(pairs * NKP * D), vt(pairs * NKP * D), kp(pairs * NKP * Dp);
+  Buf<T> qp(BH * NQP * Dp), dop(BH * NQP * Dp), lse2(BH * NQP), dlt(BH * NQP);
+  auto pack_k = [&](i64 task, int) {
+    const i64 kb = task % a.nkb, bk = task / a.nkb, b = bk / a.Hkv, hk = bk % a.Hkv;
+    const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
+    const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
+    pack_block(k, a.sk[2], a.sk[3], a.n_k, D, Dp, BN, kb, true, kt.get() + bk * NKP * D);
+    pack_block(v, a.sv[2], a.sv[3], a.n_k, D, Dp, BN, kb, true, vt.get() + bk * NKP * D);
+    pack_block(k, a.sk[2], a.sk[3], a.n_k, D, Dp, BN, kb, false, kp.get() + bk * NKP * Dp);
+  };
+  run_parallel(pairs * a.nkb, a.threads, pack_k);
+  auto pack_q = [&](i64 task, int) {
+    const i64 qb = task % a.nqb, bh = task / a.nqb, b = bh / a.H, h = bh % a.H;
+    const T* q = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1];
+    const T* dout = static_cast<const T*>(a.dout) + b * a.sdo[0] + h * a.sdo[1];
+    pack_block(q, a.sq[2], a.sq[3], a.n_q, D, Dp, BM, qb, false, qp.get() + bh * NQP * Dp);
+    pack_block(dout, a.sdo[2], a.sdo[3], a.n_q, D, Dp, BM, qb, false,
+               dop.get() + bh * NQP * Dp);
+    const T* lse = static_cast<const T*>(a.lse_in) + bh * a.n_q;
+    const T* delta = static_cast<const T*>(a.delta) + bh * a.n_q;
+    for (i64 i = qb * BM; i < (qb + 1) * BM; ++i) {
+      const bool ok = i < a.n_q && lse[i] > neg_inf<T>() && lse[i] < pos_inf<T>();
+      lse2.get()[bh * NQP + i] = ok ? lse[i] * T(kLog2e) : pos_inf<T>();
+      dlt.get()[bh * NQP + i] = ok ? delta[i] : T(0);
+    }
+  };
+  run_parallel(BH * a.nqb, a.threads, pack_q);
+
+  const int S = num_segments(pairs, a.nkb);
+  i64 bounds[5];
+  {
+    Buf<i64> work(a.nkb);
+    for (i64 kb = 0; kb < a.nkb; ++kb)
+      for (i64 h = 0; h < a.H; ++h) work.get()[kb] += q_row(a, h % a.P, kb).num;
+    split_segments(work.get(), a.nkb, S, bounds);
+  }
+  Buf<T> dqbuf(S * BH * NQP * Dp);
+
+  // Per thread: scores / probabilities, dP / dS, dK and dV accumulators, column and row biases.
+  const i64 per_thread = 2 * BM * BN + 2 * BN * Dp + 2 * BN;
+  Buf<T> scratch(per_thread * a.threads);
+  auto body = [&](i64 task, int thread) {
+    const int seg = static_cast<int>(task % S);
+    const i64 bk = task / S, b = bk / a.Hkv, hk = bk % a.Hkv;
+    T* P = scratch.get() + thread * per_thread;
+    T* dS = P + BM * BN;
+    T* dk_acc = dS + BM * BN;
+    T* dv_acc = dk_acc + BN * Dp;
+    T* colb = dv_acc + BN * Dp;
+    T* rowb = colb + BN;
+    const T* kt_b = kt.get() + bk * NKP * D;
+    const T* vt_b = vt.get() + bk * NKP * D;
+    const T* kp_b = kp.get() + bk * NKP * Dp;
+    for (i64 kb = bounds[seg]; kb < bounds[seg + 1]; ++kb) {
+      const i64 j0 = kb * BN;
+      for (i64 x = 0; x < 2 * BN * Dp; ++x) dk_acc[x] = T(0);
+      for (i64 g = 0; g < group; ++g) {
+        const i64 h = hk * group + g, bh = b * a.H + h, c = h % a.P;
+        const T* cb = column_bias<T>(key_mask_of<T>(a, b, h), a.skm[2], a.n_k, j0, BN, colb)
+                          ? colb
+                          : nullptr;
+        const LayoutRow lr = q_row(a, c, kb);
+        T* dq_bh = dqbuf.get() + (seg * BH + bh) * NQP * Dp;
+        for (i64 t = 0; t < lr.num; ++t) {
+          const i64 qb = lr.block(t), i0 = qb * BM, rows = imin(BM, a.n_q - i0);
+          const bool partial = t >= lr.num_full;
+          const T* qb_p = qp.get() + (bh * NQP + i0) * Dp;
+          const T* do_p = dop.get() + (bh * NQP + i0) * Dp;
+          const T* l2 = lse2.get() + bh * NQP + i0;
+          const T* dl = dlt.get() + bh * NQP + i0;
+          gemm_abt<T>(BM, BN, D, qb_p, Dp, kt_b + kb * D * BN, BN, P, BN);
+          gemm_abt<T>(BM, BN, D, do_p, Dp, vt_b + kb * D * BN, BN, dS, BN);
+          for (i64 r = 0; r < BM; ++r) {
+            T* pr = P + r * BN;
+            if (partial && r < rows)
+              partial_bias<T>(a, c, lr.tile ? lr.tile[t - lr.num_full] : 0, r,
+                              a.q_offset + i0 + r, j0, rowb);
+            scale_bias<T>(pr, BN, c2, cb, partial && r < rows ? rowb : nullptr);
+            const Vec<T> lv = vset<T>(l2[r]), dv = vset<T>(dl[r]);
+            for (i64 j = 0; j < BN; j += VT<T>::W) {
+              const Vec<T> p = vexp2(vld(pr + j) - lv);
+              vst(pr + j, p);
+              vst(dS + r * BN + j, p * (vld(dS + r * BN + j) - dv));
+            }
+          }
+          gemm_ab<T>(BN, Dp, BM, P, 1, BN, do_p, Dp, dv_acc, Dp);
+          gemm_ab<T>(BN, Dp, BM, dS, 1, BN, qb_p, Dp, dk_acc, Dp);
+          gemm_ab<T>(BM, Dp, BN, dS, BN, 1, kp_b + j0 * Dp, Dp, dq_bh + i0 * Dp, Dp);
+        }
+      }
+      const i64 cnt = imin(BN, a.n_k - j0);
+      T* dk = static_cast<T*>(a.dk) + (bk * a.n_k + j0) * D;
+      T* dvo = static_cast<T*>(a.dv) + (bk * a.n_k + j0) * D;
+      for (i64 jj = 0; jj < cnt; ++jj)
+        for (i64 d = 0; d < D; ++d) {
+          dk[jj * D + d] = dk_acc[jj * Dp + d] * scale;
+          dvo[jj * D + d] = dv_acc[jj * Dp + d];
+        }
+    }
+  };
+  run_parallel(pairs * S, a.threads, body);
+
+  auto reduce = [&](i64 task, int) {
+    const i64 qb = task % a.nqb, bh = task / a.nqb;
+    const i64 i0 = qb * BM, rows = imin(BM, a.n_q - i0);
+    T* dq = static_cast<T*>(a.dq) + (bh * a.n_q + i0) * D;
+    for (i64 r = 0; r < rows; ++r)
+      for (i64 d = 0; d < D; ++d) {
+        T sum = T(0);
+        for (int s = 0; s < S; ++s) sum += dqbuf.get()[((s * BH + bh) * NQP + i0 + r) * Dp + d];
+        dq[r * D + d] = sum * scale;
+      }
+  };
+  run_parallel(BH * a.nqb, a.threads, reduce);
+}
+
+// ------------------------------------------------------------------------------- XL
+// Relative scores without the [L, N] matrix: for a tile of query rows [i0, i0 + BM) and keys
+// [j0, j0 + BN), the distances d = M + i - j form a band of BM + BN - 1 consecutive values.
+// The band of (q + vb) . r[min(d, R - 1)] is one GEMM against a table of r ordered by
+// *decreasing* distance (column y holds distance Y0 - y), so that the score of (il, jl) sits at
+// band column jl - il + BM - 1: contiguous in jl, a vector add per row. Tiles entirely beyond
+// R - 1 see one clamped r row: a per-row constant.
+struct XlGeom {
+  i64 M, BM, BN, BW, Y0, Ylen, nqb, nkb, NKP, NQP, Dp;
+
+  XlGeom(const XlArgs& a)
+      : M(a.N - a.L),
+        BM(a.BM),
+        BN(a.BN),
+        BW(a.BM + a.BN),
+        Y0(a.N + a.BM - 2),
+        Ylen(0),
+        nqb((a.L + a.BM - 1) / a.BM),
+        nkb((a.N + a.BN - 1) / a.BN),
+        NKP(nkb * a.BN),
+        NQP(nqb * a.BM),
+        Dp(round_up(a.D, kPad)) {
+    // Distances span [-(BM + BN), Y0]; an extra vector of slack, and a row stride that is not a
+    // multiple of 4 KiB (cache-set aliasing between the D rows of a band load).
+    Ylen = round_up(Y0 + BW + kPad + 1, kPad);
+    if (Ylen % 256 == 0) Ylen += kPad;
+  }
+  i64 dist_top(i64 i0, i64 j0) const { return M + i0 - j0 + BM - 1; }  // distance at column 0
+  i64 band_start(i64 i0, i64 j0) const { return Y0 - dist_top(i0, j0); }
+  // Whether the tile holds any visible (query row < L, key < N) pair at distance in range.
+  bool visible(const XlArgs& a, i64 i0, i64 j0) const {
+    const i64 dmax = M + imin(i0 + BM, a.L) - 1 - j0, dmin = M + i0 - imin(j0 + BN, a.N) + 1;
+    return dmax >= 0 && (a.window == 0 || dmin < a.window);
+  }
+};
+
+// Tables of r by decreasing distance: rt [H][D][Ylen] (transposed, for the score band) and
+// optionally rp [H][Ylen][Dp] (rows, for dQ); zero for negative distances.
+template <class T>
+void pack_r(const XlArgs& a, const XlGeom& g, T* rt, T* rp) {
+  auto body = [&](i64 h, int) {
+    const T* r = static_cast<const T*>(a.r) + h * a.sr[0];
+    for (i64 y = 0; y < g.Ylen; ++y) {
+      const i64 dist = g.Y0 - y;
+      if (dist < 0) continue;
+      const T* row = r + imin(dist, a.R - 1) * a.sr[1];
+      for (i64 d = 0; d < a.D; ++d) {
+        rt[(h * a.D + d) * g.Ylen + y] = row[d * a.sr[2]];
+        if (rp) rp[(h * g.Ylen + y) * g.Dp + d] = row[d * a.sr[2]];
+      }
+    }
+  };
+  run_parallel(a.H, a.threads, body);
+}
+
+// Scores of one XL tile in base 2 into S [BM][BN], masked: qu = q + u, qv = q + vb blocks
+// [BM][ld]; band [BM][BW] scratch; bdc [BM] the clamped per-row constant.
+template <class T>
+void xl_scores(const XlArgs& a, const XlGeom& g, i64 h, i64 i0, i64 j0, const T* qu,
+               const T* qv, i64 ld, const T* kt_blk, const T* rt, const T* bdc, T c2, T* band,
+               T* S) {
+  constexpr int W = VT<T>::W;
+  const i64 BM = g.BM, BN = g.BN, D = a.D;
+  gemm_abt<T>(BM, BN, D, qu, ld, kt_blk, BN, S, BN);
+  const i64 top = g.dist_top(i0, j0), dmin = top - (g.BW - 2);
+  if (dmin >= a.R - 1) {
+    for (i64 r = 0; r < BM; ++r) {
+      const Vec<T> cv = vset<T>(bdc[r]);
+      for (i64 j = 0; j < BN; j += W) vst(S + r * BN + j, vld(S + r * BN + j) + cv);
+    }
+  } else {
+    gemm_abt<T>(BM, g.BW, D, qv, ld, rt + h * D * g.Ylen + g.band_start(i0, j0), g.Ylen, band,
+                g.BW);
+    for (i64 r = 0; r < BM; ++r) {
+      const T* br = band + r * g.BW + (BM - 1 - r);
+      for (i64 j = 0; j < BN; j += W) vst(S + r * BN + j, vld(S + r * BN + j) + vld(br + j));
+    }
+  }
+  // Visible keys of row il: distance M + i0 + il - j0 - jl in [0, window), key < N.
+  const bool full = dmin >= 0 && (a.window == 0 || top < a.window) && j0 + BN <= a.N;
+  for (i64 r = 0; r < BM; ++r) {
+    T* s = S + r * BN;
+    for (i64 j = 0; j < BN; j += W) vst(s + j, vld(s + j) * c2);
+    if (full) continue;
+    const i64 d0 = g.M + i0 + r - j0;  // distance at jl = 0
+    const i64 hi = imin(imin(BN - 1, d0), a.N - 1 - j0);
+    const i64 lo = a.window ? imax(0, d0 - a.window + 1) : 0;
+    for (i64 jl = 0; jl < BN; ++jl)
+      if (jl < lo || jl > hi) s[jl] = neg_inf<T>();
+  }
+}
+
+// (q + u) and (q + vb) rows of query block qb into [BM][ld] (zero past L and D).
+template <class T>
+void xl_pack_q(const XlArgs& a, i64 b, i64 h, i64 i0, i64 BM, i64 ld, T* qu, T* qv) {
+  const T* q = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1];
+  const T* u = static_cast<const T*>(a.u) + h * a.su[0];
+  const T* vb = static_cast<const T*>(a.vb) + h * a.svb[0];
+  for (i64 r = 0; r < BM; ++r) {
+    const bool in = i0 + r < a.L;
+    for (i64 d = 0; d < ld; ++d) {
+      const T x = in && d < a.D ? q[(i0 + r) * a.sq[2] + d * a.sq[3]] : T(0);
+      qu[r * ld + d] = in && d < a.D ? x + u[d * a.su[1]] : T(0);
+      qv[r * ld + d] = in && d < a.D ? x + vb[d * a.svb[1]] : T(0);
+    }
+  }
+}
+
+// bdc[r] = qv[r] . r[R - 1], the score term of every clamped distance.
+template <class T>
+void xl_clamped(const XlArgs& a, i64 h, const T* qv, i64 ld, i64 BM, T* bdc) {
+  const T* rl = static_cast<const T*>(a.r) + h * a.sr[0] + (a.R - 1) * a.sr[1];
+  for (i64 r = 0; r < BM; ++r) {
+    T s = T(0);
+    for (i64 d = 0; d < a.D; ++d) s += qv[r * ld + d] * rl[d * a.sr[2]];
+    bdc[r] = s;
+  }
+}
+
+template <class T>
+void xl_forward_impl(const XlArgs& a) {
+  const XlGeom g(a);
+  const i64 BM = g.BM, BN = g.BN, D = a.D, Dp = g.Dp, pairs = a.B * a.Hkv;
+  const i64 group = a.H / a.Hkv;
+  const T c2 = static_cast<T>(a.scale * kLog2e);
+  Buf<T> kt(pairs * g.NKP * D), vp(pairs * g.NKP * Dp), rt(a.H * D * g.Ylen);
+  auto pack = [&](i64 task, int) {
+    const i64 kb = task % g.nkb, bk = task / g.nkb, b = bk / a.Hkv, hk = bk % a.Hkv;
+    const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
+    const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
+    pack_block(k, a.sk[2], a.sk[3], a.N, D, Dp, BN, kb, true, kt.get() + bk * g.NKP * D);
+    pack_block(v, a.sv[2], a.sv[3], a.N, D, Dp, BN, kb, false, vp.get() + bk * g.NKP * Dp);
+  };
+  run_parallel(pairs * g.nkb, a.threads, pack);
+  pack_r<T>(a, g, rt.get(), nullptr);
+
+  const i64 per_thread = 3 * BM * Dp + BM * BN + BM * g.BW + 3 * BM;
+  Buf<T> scratch(per_thread * a.threads);
+  auto body = [&](i64 task, int thread) {
+    const i64 qb = g.nqb - 1 - task % g.nqb, bh = task / g.nqb, b = bh / a.H, h = bh % a.H;
+    const i64 bk = b * a.Hkv + h / group, i0 = qb * BM, rows = imin(BM, a.L - i0);
+    T* qu = scratch.get() + thread * per_thread;
+    T* qv = qu + BM * Dp;
+    T* S = qv + BM * Dp;
+    T* band = S + BM * BN;
+    T* acc = band + BM * g.BW;
+    T* m = acc + BM * Dp;
+    T* l = m + BM;
+    T* bdc = l + BM;
+    xl_pack_q<T>(a, b, h, i0, BM, Dp, qu, qv);
+    xl_clamped<T>(a, h, qv, Dp, BM, bdc);
+    for (i64 x = 0; x < BM * Dp; ++x) acc[x] = T(0);
+    for (i64 r = 0; r < BM; ++r) {
+      m[r] = neg_inf<T>();
+      l[r] = T(0);
+    }
+    const i64 j_hi = imin(a.N - 1, g.M + i0 + rows - 1);
+    const i64 j_lo = a.window ? imax(0, g.M + i0 - a.window + 1) : 0;
+    for (i64 kb = j_lo / BN; kb <= j_hi / BN; ++kb) {
+      const i64 j0 = kb * BN;
+      xl_scores<T>(a, g, h, i0, j0, qu, qv, Dp, kt.get() + (bk * g.nkb + kb) * D * BN, rt.get(),
+                   bdc, c2, band, S);
+      for (i64 r = 0; r < rows; ++r) softmax_update<T>(S + r * BN, BN, m[r], l[r], acc + r * Dp, Dp);
+      for (i64 x = rows * BN; x < BM * BN; ++x) S[x] = T(0);
+      gemm_ab<T>(BM, Dp, BN, S, BN, 1, vp.get() + (bk * g.NKP + j0) * Dp, Dp, acc, Dp);
+    }
+    finalize_rows<T>(rows, D, Dp, acc, m, l, static_cast<T*>(a.out) + (bh * a.L + i0) * D,
+                     static_cast<T*>(a.lse) + bh * a.L + i0);
+  };
+  run_parallel(a.B * a.H * g.nqb, a.threads, body);
+}
+
+template <class T>
+void xl_backward_impl(const XlArgs& a) {
+  const XlGeom g(a);
+  const i64 BM = g.BM, BN = g.BN, BW = g.BW, D = a.D, Dp = g.Dp, NQP = g.NQP, NKP = g.NKP;
+  const i64 pairs = a.B * a.Hkv, group = a.H / a.Hkv, BH = a.B * a.H;
+  const i64 Rn = imin(a.R, a.N);  // rows of r that any distance reaches
+  const T c2 = static_cast<T>(a.scale * kLog2e), scale = static_cast<T>(a.scale);
+
+  Buf<T> kt(pairs * NKP * D), vt(pairs * NKP * D), kp(pairs * NKP * Dp);
+  Buf<T> rt(a.H * D * g.Ylen), rp(a.H * g.Ylen * Dp);
+  Buf<T> qu(BH * NQP * Dp), qv(BH * NQP * Dp), dop(BH * NQP * Dp), lse2(BH * NQP),
+      dlt(BH * NQP), bdc(BH * NQP);
+  auto pack_k = [&](i64 task, int) {
+    const i64 kb = task % g.nkb, bk = task / g.nkb, b = bk / a.Hkv, hk = bk % a.Hkv;
+    const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
+    const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
+    pack_block(k, a.sk[2], a.sk[3], a.N, D, Dp, BN, kb, true, kt.get() + bk * NKP * D);
+    pack_block(v, a.sv[2], a.sv[3], a.N, D, Dp, BN, kb, true, vt.get() + bk * NKP * D);
+    pack_block(k, a.sk[2], a.sk[3], a.N, D, Dp, BN, kb, false, kp.get() + bk * NKP * Dp);
+  };
+  run_parallel(pairs * g.nkb, a.threads, pack_k);
+  pack_r<T>(a, g, rt.get(), rp.get());
+  auto pack_q = [&](i64 task, int) {
+    const i64 qb = task % g.nqb, bh = task / g.nqb, b = bh / a.H, h = bh % a.H;
+    const i64 i0 = qb * BM, at = bh * NQP + i0;
+    xl_pack_q<T>(a, b, h, i0, BM, Dp, qu.get() + at * Dp, qv.get() + at * Dp);
+    xl_clamped<T>(a, h, qv.get() + at * Dp, Dp, BM, bdc.get() + at);
+    const T* dout = static_cast<const T*>(a.dout) + b * a.sdo[0] + h * a.sdo[1];
+    pack_block(dout, a.sdo[2], a.sdo[3], a.L, D, Dp, BM, qb, false, dop.get() + bh * NQP * Dp);
+    const T* lse = static_cast<const T*>(a.lse_in) + bh * a.L;
+    const T* delta = static_cast<const T*>(a.delta) + bh * a.L;
+    for (i64 i = i0; i < i0 + BM; ++i) {
+      const bool ok = i < a.L && lse[i] > neg_inf<T>() && lse[i] < pos_inf<T>();
+      lse2.get()[bh * NQP + i] = ok ? lse[i] * T(kLog2e) : pos_inf<T>();
+      dlt.get()[bh * NQP + i] = ok ? delta[i] : T(0);
+    }
+  };
+  run_parallel(BH * g.nqb, a.threads, pack_q);
+
+  // Query blocks that see key block kb: [qb_lo, qb_hi).
+  auto q_range = [&](i64 kb, i64& lo, i64& hi) {
+    lo = g.nqb;
+    hi = 0;
+    for (i64 qb = 0; qb < g.nqb; ++qb)
+      if (g.visible(a, qb * BM, kb * BN)) {
+        lo = imin(lo, qb);
+        hi = qb + 1;
+      }
+  };
+  const int S = num_segments(pairs, g.nkb);
+  i64 bounds[5];
+  {
+    Buf<i64> work(g.nkb);
+    for (i64 kb = 0; kb < g.nkb; ++kb) {
+      i64 lo, hi;
+      q_range(kb, lo, hi);
+      work.get()[kb] = imax(0, hi - lo);
+    }
+    split_segments(work.get(), g.nkb, S, bounds);
+  }
+  // Per segment: dQ through k (content) and through r (position), kept apart for du and dvb;
+  // per task: dr of its heads.
+  Buf<T> dq_ac(S * BH * NQP * Dp), dq_bd(S * BH * NQP * Dp), dr_buf(pairs * S * group * Rn * Dp);
+
+  const i64 per_thread = 2 * BM * BN + BM * BW + BW * Dp + 2 * BN * Dp;
+  Buf<T> scratch(per_thread * a.threads);
+  auto body = [&](i64 task, int thread) {
+    const int seg = static_cast<int>(task % S);
+    const i64 bk = task / S, b = bk / a.Hkv, hk = bk % a.Hkv;
+    T* P = scratch.get() + thread * per_thread;
+    T* dS = P + BM * BN;
+    T* band = dS + BM * BN;
+    T* dr_band = band + BM * BW;
+    T* dk_acc = dr_band + BW * Dp;
+    T* dv_acc = dk_acc + BN * Dp;
+    T* dr_task = dr_buf.get() + task * group * Rn * Dp;
+    for (i64 kb = bounds[seg]; kb < bounds[seg + 1]; ++kb) {
+      const i64 j0 = kb * BN;
+      i64 qlo, qhi;
+      q_range(kb, qlo, qhi);
+      for (i64 x = 0; x < 2 * BN * Dp; ++x) dk_acc[x] = T(0);
+      for (i64 gi = 0; gi < group; ++gi) {
+        const i64 h = hk * group + gi, bh = b * a.H + h;
+        T* dr_h = dr_task + gi * Rn * Dp;
+        for (i64 qb = qlo; qb < qhi; ++qb) {
+          const i64 i0 = qb * BM, at = bh * NQP + i0;
+          if (!g.visible(a, i0, j0)) continue;
+          const T* qu_p = qu.get() + at * Dp;
+          const T* qv_p = qv.get() + at * Dp;
+          const T* do_p = dop.get() + at * Dp;
+          xl_scores<T>(a, g, h, i0, j0, qu_p, qv_p, Dp, kt.get() + (bk * g.nkb + kb) * D * BN,
+                       rt.get(), bdc.get() + at, c2, band, P);
+          gemm_abt<T>(BM, BN, D, do_p, Dp, vt.get() + (bk * g.nkb + kb) * D * BN, BN, dS, BN);
+          for (i64 r = 0; r < BM; ++r) {
+            const Vec<T> lv = vset<T>(lse2.get()[at + r]), dv = vset<T>(dlt.get()[at + r]);
+            for (i64 j = 0; j < BN; j += VT<T>::W) {
+              const Vec<T> p = vexp2(vld(P + r * BN + j) - lv);
+              vst(P + r * BN + j, p);
+              vst(dS + r * BN + j, p * (vld(dS + r * BN + j) - dv));
+            }
+          }
+          gemm_ab<T>(BN, Dp, BM, P, 1, BN, do_p, Dp, dv_acc, Dp);
+          gemm_ab<T>(BN, Dp, BM, dS, 1, BN, qu_p, Dp, dk_acc, Dp);
+          gemm_ab<T>(BM, Dp, BN, dS, BN, 1, kp.get() + (bk * NKP + j0) * Dp, Dp,
+                     dq_ac.get() + ((seg * BH + bh) * NQP + i0) * Dp, Dp);
+          T* dqb = dq_bd.get() + ((seg * BH + bh) * NQP + i0) * Dp;
+          const i64 top = g.dist_top(i0, j0), dmin = top - (BW - 2);
+          if (dmin >= a.R - 1) {
+            // One r row for the whole tile: dQ += rowsum(dS) r[R-1], dr[R-1] += dS-weighted qv.
+            const T* rl = rp.get() + (h * g.Ylen + g.Y0 - (a.R - 1)) * Dp;
+            T* drl = dr_h + (Rn - 1) * Dp;
+            for (i64 r = 0; r < BM; ++r) {
+              T rs = T(0);
+              for (i64 j = 0; j < BN; ++j) rs += dS[r * BN + j];
+              if (rs == T(0)) continue;
+              for (i64 d = 0; d < Dp; ++d) {
+                dqb[r * Dp + d] += rs * rl[d];
+                drl[d] += rs * qv_p[r * Dp + d];
+              }
+            }
+            continue;
+          }
+          // dS back onto the band, then dQ += band . r rows and dr_band = band^T . qv.
+          for (i64 x = 0; x < BM * BW; ++x) band[x] = T(0);
+          for (i64 r = 0; r < BM; ++r) {
+            T* br = band + r * BW + (BM - 1 - r);
+            for (i64 j = 0; j < BN; j += VT<T>::W) vst(br + j, vld(dS + r * BN + j));
+          }
+          const i64 y0 = g.band_start(i0, j0);
+          gemm_ab<T>(BM, Dp, BW, band, BW, 1, rp.get() + (h * g.Ylen + y0) * Dp, Dp, dqb, Dp);
+          for (i64 x = 0; x < BW * Dp; ++x) dr_band[x] = T(0);
+          gemm_ab<T>(BW, Dp, BM, band, 1, BW, qv_p, Dp, dr_band, Dp);
+          for (i64 cidx = 0; cidx < BW - 1; ++cidx) {
+            const i64 dist = top - cidx;
+            if (dist < 0) break;
+            const i64 e = imin(dist, a.R - 1);
+            if (e >= Rn) continue;  // only padding rows (i >= L) reach distances >= N
+            T* dst = dr_h + e * Dp;
+            for (i64 d = 0; d < Dp; d += VT<T>::W)
+              vst(dst + d, vld(dst + d) + vld(dr_band + cidx * Dp + d));
+          }
+        }
+      }
+      const i64 cnt = imin(BN, a.N - j0);
+      T* dk = static_cast<T*>(a.dk) + (bk * a.N + j0) * D;
+      T* dvo = static_cast<T*>(a.dv) + (bk * a.N + j0) * D;
+      for (i64 jj = 0; jj < cnt; ++jj)
+        for (i64 d = 0; d < D; ++d) {
+          dk[jj * D + d] = dk_acc[jj * Dp + d] * scale;
+          dvo[jj * D + d] = dv_acc[jj * Dp + d];
+        }
+    }
+  };
+  run_parallel(pairs * S, a.threads, body);
+
+  auto reduce_q = [&](i64 task, int) {
+    const i64 qb = task % g.nqb, bh = task / g.nqb, i0 = qb * BM, rows = imin(BM, a.L - i0);
+    T* dq = static_cast<T*>(a.dq) + (bh * a.L + i0) * D;
+    for (i64 r = 0; r < rows; ++r)
+      for (i64 d = 0; d < D; ++d) {
+        T sum = T(0);
+        for (int s = 0; s < S; ++s) {
+          const i64 at = ((s * BH + bh) * NQP + i0 + r) * Dp + d;
+          sum += dq_ac.get()[at] + dq_bd.get()[at];
+        }
+        dq[r * D + d] = sum * scale;
+      }
+  };
+  run_parallel(BH * g.nqb, a.threads, reduce_q);
+  // du, dvb: sums over batch and queries; dr: over batch and segments; per head, fixed order.
+  auto reduce_h = [&](i64 h, int) {
+    T* du = static_cast<T*>(a.du) + h * D;
+    T* dvb = static_cast<T*>(a.dvb) + h * D;
+    T* dr = static_cast<T*>(a.dr) + h * a.R * D;
+    for (i64 d = 0; d < D; ++d) du[d] = dvb[d] = T(0);
+    for (i64 x = 0; x < a.R * D; ++x) dr[x] = T(0);
+    const i64 hk = h / group, gi = h % group;
+    for (i64 b = 0; b < a.B; ++b) {
+      const i64 bh = b * a.H + h;
+      for (int s = 0; s < S; ++s) {
+        for (i64 i = 0; i < a.L; ++i) {
+          const i64 at = ((s * BH + bh) * NQP + i) * Dp;
+          for (i64 d = 0; d < D; ++d) {
+            du[d] += dq_ac.get()[at + d];
+            dvb[d] += dq_bd.get()[at + d];
+          }
+        }
+        const T* drt = dr_buf.get() + (((b * a.Hkv + hk) * S + s) * group + gi) * Rn * Dp;
+        for (i64 e = 0; e < Rn; ++e)
+          for (i64 d = 0; d < D; ++d) dr[e * D + d] += drt[e * Dp + d];
+      }
+    }
+    for (i64 d = 0; d < D; ++d) {
+      du[d] *= scale;
+      dvb[d] *= scale;
+    }
+    for (i64 x = 0; x < a.R * D; ++x) dr[x] *= scale;
+  };
+  run_parallel(a.H, a.threads, reduce_h);
+}
+
+template <void (*F32)(const SparseArgs&), void (*F64)(const SparseArgs&)>
+void by_dtype(const SparseArgs& a) {
+  a.dtype == kFloat64 ? F64(a) : F32(a);
+}
+template <void (*F32)(const XlArgs&), void (*F64)(const XlArgs&)>
+void by_dtype_xl(const XlArgs& a) {
+  a.dtype == kFloat64 ? F64(a) : F32(a);
+}
+
+}  // namespace
+
+namespace EFFATTN_ISA {
+Kernels table() {
+  return {EFFATTN_ISA_NAME,
+          by_dtype<sparse_forward_impl<float>, sparse_forward_impl<double>>,
+          by_dtype<sparse_backward_impl<float>, sparse_backward_impl<double>>,
+          by_dtype_xl<xl_forward_impl<float>, xl_forward_impl<double>>,
+          by_dtype_xl<xl_backward_impl<float>, xl_backward_impl<double>>};
+}
+}  // namespace EFFATTN_ISA
+
+}  // namespace cpu
+}  // namespace effattn

@@ -1,0 +1,43 @@
+// The attention kernels compiled for AVX-512 (F, VL, BW, DQ) with FMA: one register per
+// 64-byte vector, 32 registers for the accumulator tiles.
+// Only called after a runtime check of the CPU (dispatch.cpp).
+#include "cpu/kernels.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+// 64-byte vectors only travel between always-inlined helpers (simd.h): no ABI is involved.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define EFFATTN_ISA avx512
+#define EFFATTN_ISA_NAME "avx512"
+#define EFFATTN_TILE_RS 8
+#define EFFATTN_TILE_NVS 2
+#define EFFATTN_TILE_RO 4
+#define EFFATTN_TILE_NVO 4
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2,f16c")
+#endif
+#include "cpu/attention_impl.h"
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#define EFFATTN_HAVE_ISA 1
+#endif
+
+namespace effattn {
+namespace cpu {
+Kernels kernels_avx512() {
+#ifdef EFFATTN_HAVE_ISA
+  return avx512::table();
+#else
+  return {"avx512", nullptr, nullptr, nullptr, nullptr};
+#endif
+}
+}  // namespace cpu
+}  // namespace effattn

@@ -1,0 +1,221 @@
+// Vector helpers and GEMM micro-kernels of the CPU attention kernels.
+//
+// Written with GCC/Clang vector extensions on 64-byte vectors: the same source becomes AVX-512
+// (one register per vector), AVX2 (two) or baseline SSE2 (four) depending on the target of the
+// translation unit that includes it (isa_*.cpp). The tile shapes (EFFATTN_TILE_*) are chosen per
+// target so that the accumulators fit the register file.
+//
+// Include only from attention_impl.h, inside its anonymous namespace: everything here must have
+// internal linkage (see kernels.h).
+
+typedef int64_t i64;
+
+// Vector helpers are always inlined: no function ever passes a 64-byte vector by value, whose
+// calling convention differs between targets.
+#define EFFATTN_VINLINE inline __attribute__((always_inline))
+
+constexpr int kRowsAbt = EFFATTN_TILE_RS;   // rows of a C = A * B^T tile
+constexpr int kVecsAbt = EFFATTN_TILE_NVS;  // vectors per row of a C = A * B^T tile
+constexpr int kRowsAb = EFFATTN_TILE_RO;    // rows of a C += A * B tile
+constexpr int kVecsAb = EFFATTN_TILE_NVO;   // vectors per row of a C += A * B tile
+
+template <class T>
+struct VT;
+template <>
+struct VT<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  static constexpr int W = 16;
+};
+template <>
+struct VT<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t I __attribute__((vector_size(64)));
+  static constexpr int W = 8;
+};
+
+template <class T>
+using Vec = typename VT<T>::V;
+
+inline i64 imin(i64 a, i64 b) { return a < b ? a : b; }
+inline i64 imax(i64 a, i64 b) { return a > b ? a : b; }
+inline i64 floordiv(i64 a, i64 b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+inline i64 posmod(i64 a, i64 b) {
+  const i64 r = a % b;
+  return r < 0 ? r + b : r;
+}
+
+template <class T>
+inline T neg_inf() {
+  return -static_cast<T>(__builtin_inf());
+}
+template <class T>
+inline T pos_inf() {
+  return static_cast<T>(__builtin_inf());
+}
+inline float sexp2(float x) { return __builtin_exp2f(x); }
+inline double sexp2(double x) { return __builtin_exp2(x); }
+inline float slog2(float x) { return __builtin_log2f(x); }
+inline double slog2(double x) { return __builtin_log2(x); }
+
+template <class T>
+EFFATTN_VINLINE Vec<T> vld(const T* p) {
+  Vec<T> v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class T>
+EFFATTN_VINLINE void vst(T* p, Vec<T> v) {
+  __builtin_memcpy(p, &v, sizeof v);
+}
+template <class T>
+EFFATTN_VINLINE Vec<T> vset(T x) {
+  return Vec<T>{} + x;
+}
+// Lane-wise m ? a : b for a comparison mask m (all ones / all zeros per lane); bit operations
+// rather than the vector ?: operator, which not every compiler accepts in C++.
+template <class T, class Mask>
+EFFATTN_VINLINE Vec<T> vsel(Mask m, Vec<T> a, Vec<T> b) {
+  return (Vec<T>)((m & (Mask)a) | (~m & (Mask)b));
+}
+template <class T>
+EFFATTN_VINLINE Vec<T> vmax(Vec<T> a, Vec<T> b) {
+  return vsel<T>(a > b, a, b);
+}
+template <class T>
+EFFATTN_VINLINE T hmax(Vec<T> v) {
+  T m = v[0];
+  for (int l = 1; l < VT<T>::W; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+template <class T>
+EFFATTN_VINLINE T hsum(Vec<T> v) {
+  T s = 0;
+  for (int l = 0; l < VT<T>::W; ++l) s += v[l];
+  return s;
+}
+
+// 2^x lane-wise, exactly 0 below -126 (so -inf gives 0). fp32: x = n + f with |f| <= 1/2 and a
+// degree-6 polynomial for 2^f fitted for relative error (at most 1.7 ulp over [-1/2, 1/2]).
+EFFATTN_VINLINE Vec<float> vexp2(Vec<float> x) {
+  typedef Vec<float> V;
+  const V lo = vset<float>(-126.0f), hi = vset<float>(127.0f);
+  const auto under = x < lo;
+  V xc = vsel<float>(under, lo, x);
+  xc = vsel<float>(xc > hi, hi, xc);
+  // Adding 1.5 * 2^23 and subtracting it again rounds to the nearest integer.
+  const V shifter = vset<float>(12582912.0f);
+  const V n = (xc + shifter) - shifter;
+  const V f = xc - n;
+  V p = vset<float>(1.5337577e-4f);
+  p = p * f + 1.3399860e-3f;
+  p = p * f + 9.6185198e-3f;
+  p = p * f + 5.5503290e-2f;
+  p = p * f + 2.4022646e-1f;
+  p = p * f + 6.9314718e-1f;
+  p = p * f + 1.0f;
+  const typename VT<float>::I e = (__builtin_convertvector(n, typename VT<float>::I) + 127) << 23;
+  return vsel<float>(under, V{}, p * (V)e);
+}
+// fp64 runs for gradcheck and accuracy, not speed: libm per lane.
+EFFATTN_VINLINE Vec<double> vexp2(Vec<double> x) {
+  Vec<double> r;
+  for (int l = 0; l < VT<double>::W; ++l) r[l] = __builtin_exp2(x[l]);
+  return r;
+}
+
+// ------------------------------------------------------------------------------- GEMM tiles
+// C[R, NV*W] = A[R, K] * Bt[K, NV*W]; A row-major (lda), Bt row-major (ldb), C row-major (ldc).
+template <class T, int R, int NV>
+inline void tile_abt(const T* A, i64 lda, const T* Bt, i64 ldb, i64 K, T* C, i64 ldc) {
+  constexpr int W = VT<T>::W;
+  Vec<T> acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec<T>{};
+  for (i64 k = 0; k < K; ++k) {
+    Vec<T> b[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) b[v] = vld(Bt + k * ldb + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const T a = A[r * lda + k];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) vst(C + r * ldc + v * W, acc[r][v]);
+}
+
+// C[M, N] = A[M, K] * Bt[K, N]; M a multiple of kRowsAbt, N of W.
+template <class T>
+void gemm_abt(i64 M, i64 N, i64 K, const T* A, i64 lda, const T* Bt, i64 ldb, T* C, i64 ldc) {
+  constexpr int W = VT<T>::W;
+  for (i64 i = 0; i < M; i += kRowsAbt) {
+    i64 j = 0;
+    for (; j + kVecsAbt * W <= N; j += kVecsAbt * W)
+      tile_abt<T, kRowsAbt, kVecsAbt>(A + i * lda, lda, Bt + j, ldb, K, C + i * ldc + j, ldc);
+    for (; j < N; j += W)
+      tile_abt<T, kRowsAbt, 1>(A + i * lda, lda, Bt + j, ldb, K, C + i * ldc + j, ldc);
+  }
+}
+
+// C[R, NV*W] += sum_k A(r, k) B[k, NV*W] with A(r, k) = A[r * sa + k * sk] (so A or its
+// transpose), B row-major (ldb), C row-major (ldc).
+template <class T, int R, int NV>
+inline void tile_ab(const T* A, i64 sa, i64 sk, const T* B, i64 ldb, i64 K, T* C, i64 ldc) {
+  constexpr int W = VT<T>::W;
+  Vec<T> acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[r][v] = vld(C + r * ldc + v * W);
+  for (i64 k = 0; k < K; ++k) {
+    Vec<T> b[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) b[v] = vld(B + k * ldb + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const T a = A[r * sa + k * sk];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) vst(C + r * ldc + v * W, acc[r][v]);
+}
+
+// The columns left after the full-width tiles: one tile of exactly `rest` vectors.
+template <class T, int R, int NV>
+inline void tile_ab_rest(int rest, const T* A, i64 sa, i64 sk, const T* B, i64 ldb, i64 K, T* C,
+                         i64 ldc) {
+  if constexpr (NV > 0) {
+    if (rest == NV)
+      tile_ab<T, R, NV>(A, sa, sk, B, ldb, K, C, ldc);
+    else
+      tile_ab_rest<T, R, NV - 1>(rest, A, sa, sk, B, ldb, K, C, ldc);
+  }
+}
+
+// C[M, N] += A(M, K) * B[K, N]; M a multiple of kRowsAb, N of W.
+template <class T>
+void gemm_ab(i64 M, i64 N, i64 K, const T* A, i64 sa, i64 sk, const T* B, i64 ldb, T* C,
+             i64 ldc) {
+  constexpr int W = VT<T>::W;
+  for (i64 i = 0; i < M; i += kRowsAb) {
+    const T* Ai = A + i * sa;
+    T* Ci = C + i * ldc;
+    i64 j = 0;
+    for (; j + kVecsAb * W <= N; j += kVecsAb * W)
+      tile_ab<T, kRowsAb, kVecsAb>(Ai, sa, sk, B + j, ldb, K, Ci + j, ldc);
+    if (j < N)
+      tile_ab_rest<T, kRowsAb, kVecsAb - 1>(static_cast<int>((N - j) / W), Ai, sa, sk, B + j,
+                                            ldb, K, Ci + j, ldc);
+  }
+}
