@@ -505,13 +505,18 @@ def test_compile_matches_eager():
 )
 def test_compile_fullgraph_no_graph_breaks():
     _, sparse = pair(pattern=P.strided(4), add_bias_kv=True, batch_first=True)
-    x = torch.randn(2, 20, 32, dtype=F64)
+    x = torch.randn(2, 20, 32, dtype=F64, requires_grad=True)
+    kpm = torch.zeros(2, 20, dtype=F64)
+    kpm[1, -4:] = float("-inf")  # a float mask, as nn.TransformerEncoderLayer passes it
 
-    def f(x):
-        return sparse(x, x, x, need_weights=False, is_causal=True)[0]
+    def f(x, kpm):
+        return sparse(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)[0]
 
-    explanation = torch._dynamo.explain(f)(x)
+    want = f(x, kpm)  # eager first: backend modules get imported outside the trace
+    explanation = torch._dynamo.explain(f)(x, kpm)
     assert explanation.graph_break_count == 0, [r.reason[:200] for r in explanation.break_reasons]
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(x, kpm)
+    assert torch.allclose(got, want, **TOL)
 
 
 def test_save_load_and_deepcopy(tmp_path):
