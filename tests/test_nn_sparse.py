@@ -364,7 +364,7 @@ def test_from_dense_shares_parameters_and_mode():
     args = inputs(2, 9, 14, kdim=16, vdim=16, self_attn=False)
     check_same(mha, sparse, args, {"need_weights": False})
     with pytest.raises(TypeError, match="nn.MultiheadAttention"):
-        SparseMultiheadAttention.from_dense(nn.Linear(3, 3))
+        SparseMultiheadAttention.from_dense(nn.Linear(3, 3), P.causal())
 
 
 # ----------------------------------------------------------------------------- replace_attention
@@ -496,6 +496,19 @@ def test_compile_matches_eager():
     # Inside nn.TransformerEncoderLayer the key padding mask arrives as a 0/-inf float mask.
     got = compiled(x, torch.zeros(2, 20, dtype=F64).masked_fill(kpm, float("-inf")))
     assert torch.allclose(got, want, **TOL)
+    # A per-call attn_mask becomes a custom pattern, built eagerly (a graph break by design).
+    blocked = torch.rand(20, 20, generator=torch.Generator().manual_seed(0)) < 0.3
+    blocked.fill_diagonal_(False)
+
+    def g(x, blocked):
+        return sparse(x, x, x, attn_mask=blocked, need_weights=False)[0]
+
+    want = g(x, blocked)
+    got = torch.compile(g, backend="aot_eager")(x, blocked)
+    assert torch.allclose(got, want, **TOL)
+    assert torch.allclose(
+        torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0], **TOL
+    )
 
 
 @pytest.mark.xfail(

@@ -130,8 +130,8 @@ class SparseMultiheadAttention(nn.Module):
     :func:`effattn.sparse_attention`); L > S is served only by ``full()``. Keys appended by
     ``add_bias_kv`` and ``add_zero_attn`` are not positions: every query always sees them (as in
     nn.MultiheadAttention, which pads masks with "allowed" for them); they are merged with the
-    sparse result by log-sum-exp, O(L). A query with no visible key returns 0 (nn.MultiheadAttention
-    returns NaN).
+    sparse result by log-sum-exp, O(L). A query with no visible key returns 0 where
+    nn.MultiheadAttention gives NaN.
 
     Args:
         embed_dim: E, the query and output width; ``num_heads`` must divide it, and the head
@@ -269,7 +269,7 @@ class SparseMultiheadAttention(nn.Module):
     def from_dense(
         cls,
         mha: nn.MultiheadAttention,
-        pattern: Pattern = patterns.causal(),
+        pattern: Pattern,
         *,
         dropout: float | None = None,
         backend: str = "auto",
@@ -614,14 +614,16 @@ class SparseMultiheadAttention(nn.Module):
             k, v = (F.pad(t, (0, 0, pad, 0)) for t in (k, v))
             kpm = None if kpm is None else F.pad(kpm, (pad, 0), value=True)
         if allowed.shape[0] == 1:
-            return self._sparse(q, k, v, kpm, _as_pattern(allowed[0]), extra_k, extra_v, scale)
+            return self._sparse(
+                q, k, v, kpm, patterns.from_mask(allowed[0]), extra_k, extra_v, scale
+            )
         outs = [
             self._sparse(
                 q[i : i + 1],
                 k[i : i + 1],
                 v[i : i + 1],
                 None if kpm is None else kpm[i : i + 1],
-                _as_pattern(allowed[i]),
+                patterns.from_mask(allowed[i]),
                 extra_k,
                 extra_v,
                 scale,
@@ -678,11 +680,6 @@ class SparseMultiheadAttention(nn.Module):
         weights = F.dropout(weights, self.dropout, training=self.training)
         out = torch.matmul(weights, v.to(acc)).to(q.dtype)
         return out, weights.to(q.dtype)
-
-
-def _as_pattern(allowed: torch.Tensor) -> Pattern:
-    """A custom pattern from bool [1 | H, L, S] (True = allowed)."""
-    return patterns.from_mask(allowed)
 
 
 def _merge_extra(out, lse, q, extra_k, extra_v, scale: float) -> torch.Tensor:
