@@ -1,0 +1,1072 @@
+"""Block-sparse flash attention in Triton (backend "triton").
+
+Implements the backend contract of :mod:`effattn.ops.torch_sparse` (read it first) with three
+kernels, each visiting only the blocks of the part's :class:`effattn.patterns.BlockLayout`:
+
+``_fwd_kernel``
+    one program per (query block, batch x head): online softmax over the full key blocks (no
+    pattern test) and then the partial ones (pattern predicate), fp32 accumulation, saves the LSE.
+``_bwd_dq_kernel``
+    one program per (query block, batch x head): dq over the same key blocks as the forward.
+``_bwd_dkdv_kernel``
+    one program per (key block, batch x kv head): dk and dv over the transposed layout
+    (``q_full_*`` / ``q_part_*``), looping over the query heads of the GQA group inside the
+    program, so that the result is deterministic and needs no atomics.
+
+Partial blocks are resolved from the packed term table (built-in patterns; the constraint kinds
+no term uses are compiled out through constexpr flags) or from the deduplicated stored tiles
+(custom patterns). Rows past n_q and keys past n_k are always masked, and head dims that are not
+powers of two are padded inside the kernels with masked loads.
+
+Numerics: softmax in base 2 with the scale folded into the exponent for fp16 / bf16 / fp32;
+fp32 products use IEEE fp32 (no TF32). fp64 (interpreter only, for gradcheck) runs in natural
+base with q pre-scaled in fp64, because Triton passes Python floats to kernels as fp32.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from effattn._aot import KernelConfig
+from effattn.patterns import BlockLayout
+
+__all__ = [
+    "BLOCKS_OVERRIDE",
+    "check",
+    "compile_configs",
+    "plan_blocks",
+    "sparse_backward",
+    "sparse_forward",
+]
+
+BLOCKS_OVERRIDE: tuple[int, int] | None = None
+"""(block_m, block_n) for every kernel instead of the tuned table: tests set (16, 16) so that
+plans decompose (strided / fixed parts, padding keys, dummy rows) at interpreter-sized n."""
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+_LOG2E = 1.4426950408889634
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _pattern_allowed(
+    Terms,
+    c,
+    p,
+    j,
+    NUM_TERMS: tl.constexpr,
+    USE_MOD: tl.constexpr,
+    USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr,
+):
+    """OR of class c's terms at absolute query positions p and keys j (broadcastable int32)."""
+    d = p - j
+    ok = d != d
+    for t in tl.static_range(NUM_TERMS):
+        base = Terms + (c * NUM_TERMS + t) * 9
+        term = (d >= tl.load(base)) & (d <= tl.load(base + 1))
+        if USE_MOD:
+            mod = tl.load(base + 2)
+            # p - j may be negative: only "divisible", which C and floor remainders agree on.
+            term = term & ((mod <= 0) | (d % tl.maximum(mod, 1) == 0))
+        if USE_GROUP:
+            gq = tl.load(base + 3)
+            grel = tl.load(base + 5)
+            qg = p // tl.maximum(gq, 1)
+            kg = j // tl.maximum(tl.load(base + 4), 1)
+            rel = tl.where(grel == 0, kg == qg, tl.where(grel == 1, kg < qg, kg != qg))
+            term = term & ((gq <= 0) | rel)
+        if USE_COLS:
+            smod = tl.load(base + 6)
+            r = j % tl.maximum(smod, 1)
+            term = term & ((smod <= 0) | ((r >= tl.load(base + 7)) & (r <= tl.load(base + 8))))
+        ok = ok | term
+    return ok
+
+
+@triton.jit
+def _exp(x, EXP2: tl.constexpr):
+    if EXP2:
+        return tl.exp2(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _visible(
+    col_ok,
+    p,
+    j,
+    tile_ptrs,
+    Terms,
+    c,
+    PARTIAL: tl.constexpr,
+    NUM_TERMS: tl.constexpr,
+    USE_MOD: tl.constexpr,
+    USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr,
+    USE_TILES: tl.constexpr,
+):
+    """Visibility of a block's scores: key bounds / key mask, and the pattern on partial blocks.
+
+    ``col_ok``, ``p``, ``j`` and ``tile_ptrs`` broadcast to the score block's shape ([BM, BN] or
+    its transpose); ``tile_ptrs`` is only read for partial blocks of custom patterns.
+    """
+    vis = col_ok
+    if PARTIAL:
+        if USE_TILES:
+            vis = vis & (tl.load(tile_ptrs) != 0)
+        else:
+            vis = vis & _pattern_allowed(Terms, c, p, j, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS)
+    return vis
+
+
+@triton.jit
+def _key_ok(cols, n_k, key_mask_base, stride_mn, HAS_KEY_MASK: tl.constexpr):
+    ok = cols < n_k
+    if HAS_KEY_MASK:
+        ok = ok & (tl.load(key_mask_base + cols * stride_mn, mask=ok, other=1) == 0)
+    return ok
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, WIDEN_DOT: tl.constexpr):
+    if WIDEN_DOT:
+        # Triton's interpreter multiplies bf16 tiles as their uint16 storage: widen them to fp32,
+        # which is exact (a bf16 x bf16 product fits fp32) and accumulates in fp32 like the GPU.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _fwd_block(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    kb,
+    offs_m,
+    offs_n,
+    offs_d,
+    d_ok,
+    q_offset,
+    n_k,
+    qk_scale,
+    key_mask_base,
+    stride_mn,
+    tile_ptrs,
+    Terms,
+    c,
+    PARTIAL: tl.constexpr,
+    NUM_TERMS: tl.constexpr,
+    USE_MOD: tl.constexpr,
+    USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr,
+    USE_TILES: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDEN_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One key block of the online softmax: returns the updated (acc, m_i, l_i)."""
+    cols = kb * BLOCK_N + offs_n
+    col_in = cols < n_k
+    kv_mask = col_in[:, None] & d_ok[None, :]
+    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), DOT_PRECISION, WIDEN_DOT) * qk_scale
+    col_ok = _key_ok(cols, n_k, key_mask_base, stride_mn, HAS_KEY_MASK)
+    vis = _visible(
+        col_ok[None, :],
+        (offs_m + q_offset)[:, None],
+        cols[None, :],
+        tile_ptrs,
+        Terms,
+        c,
+        PARTIAL,
+        NUM_TERMS,
+        USE_MOD,
+        USE_GROUP,
+        USE_COLS,
+        USE_TILES,
+    )
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows with nothing visible so far keep m = -inf: shift them by 0 so exp gives 0, not NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = _exp(s - m_use[:, None], not IS_FP64)
+    alpha = _exp(m_i - m_use, not IS_FP64)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, WIDEN_DOT)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    KeyMask,
+    FullNum,
+    FullIdx,
+    PartNum,
+    PartIdx,
+    PartTile,
+    Terms,
+    Tiles,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_mb,
+    stride_mh,
+    stride_mn,
+    num_heads,
+    group,
+    num_classes,
+    n_q,
+    n_k,
+    q_offset,
+    num_q_blocks,
+    max_full,
+    max_part,
+    NUM_TERMS: tl.constexpr,
+    USE_MOD: tl.constexpr,
+    USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr,
+    USE_TILES: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDEN_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    # Last query blocks first: under causal-like patterns they carry the most key blocks.
+    qb = num_q_blocks - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    c = h % num_classes
+    hk = h // group
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < n_q
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    key_mask_base = KeyMask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + offs_n[None, :]
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=acc_dtype)
+    l_i = tl.zeros([BLOCK_M], dtype=acc_dtype)
+    row = c * num_q_blocks + qb
+
+    n_full = tl.load(FullNum + row)
+    for t in range(n_full):
+        kb = tl.load(FullIdx + row * max_full + t)
+        acc, m_i, l_i = _fwd_block(
+            acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, kb, offs_m, offs_n, offs_d,
+            d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, Tiles, Terms, c,
+            False, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK, IS_FP64,
+            DOT_PRECISION, WIDEN_DOT, BLOCK_N,
+        )  # fmt: skip
+    n_part = tl.load(PartNum + row)
+    for t in range(n_part):
+        kb = tl.load(PartIdx + row * max_part + t)
+        tile_ptrs = Tiles + tile_offs
+        if USE_TILES:
+            tile = tl.load(PartTile + row * max_part + t)
+            tile_ptrs += tile.to(tl.int64) * (BLOCK_M * BLOCK_N)
+        acc, m_i, l_i = _fwd_block(
+            acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, kb, offs_m, offs_n, offs_d,
+            d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, tile_ptrs, Terms, c,
+            True, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK, IS_FP64,
+            DOT_PRECISION, WIDEN_DOT, BLOCK_N,
+        )  # fmt: skip
+
+    nonempty = l_i > 0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if IS_FP64:
+        lse = m_i + tl.log(l_safe)
+    else:
+        lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
+    lse = tl.where(nonempty, lse, float("-inf"))
+    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(
+        o_base + offs_m[:, None] * stride_om + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=q_mask,
+    )
+    tl.store(Lse + bh.to(tl.int64) * n_q + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, IS_FP64: tl.constexpr):
+    """(lse in the kernel's exponent base, delta, row visible) for query rows offs_m.
+
+    Rows past n_q and rows whose merged lse is +-inf (no visible key, or kept only to fill a
+    dense block) get visible = False, so they contribute nothing.
+    """
+    in_rows = offs_m < n_q
+    lse = tl.load(Lse + bh.to(tl.int64) * n_q + offs_m, mask=in_rows, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * n_q + offs_m, mask=in_rows, other=0.0)
+    ok = (lse > float("-inf")) & (lse < float("inf"))
+    if not IS_FP64:
+        lse = lse * 1.4426950408889634
+    lse = tl.where(ok, lse, 0.0)
+    delta = tl.where(ok, delta, 0.0)
+    return lse, delta, ok
+
+
+@triton.jit
+def _bwd_dq_block(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    row_vis,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    kb,
+    offs_m,
+    offs_n,
+    offs_d,
+    d_ok,
+    q_offset,
+    n_k,
+    qk_scale,
+    key_mask_base,
+    stride_mn,
+    tile_ptrs,
+    Terms,
+    c,
+    PARTIAL: tl.constexpr,
+    NUM_TERMS: tl.constexpr,
+    USE_MOD: tl.constexpr,
+    USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr,
+    USE_TILES: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDEN_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dq += dS K over one key block (dS without the final scale)."""
+    cols = kb * BLOCK_N + offs_n
+    col_in = cols < n_k
+    kv_mask = col_in[:, None] & d_ok[None, :]
+    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), DOT_PRECISION, WIDEN_DOT) * qk_scale
+    col_ok = _key_ok(cols, n_k, key_mask_base, stride_mn, HAS_KEY_MASK)
+    vis = _visible(
+        col_ok[None, :] & row_vis[:, None],
+        (offs_m + q_offset)[:, None],
+        cols[None, :],
+        tile_ptrs,
+        Terms,
+        c,
+        PARTIAL,
+        NUM_TERMS,
+        USE_MOD,
+        USE_GROUP,
+        USE_COLS,
+        USE_TILES,
+    )
+    p = _exp(tl.where(vis, s - lse[:, None], float("-inf")), not IS_FP64)
+    dp = _dot(do, tl.trans(v), DOT_PRECISION, WIDEN_DOT)
+    ds = p * (dp - delta[:, None])
+    dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, WIDEN_DOT)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    KeyMask,
+    FullNum,
+    FullIdx,
+    PartNum,
+    PartIdx,
+    PartTile,
+    Terms,
+    Tiles,
+    qk_scale,
+    sm_scale,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_mb,
+    stride_mh,
+    stride_mn,
+    num_heads,
+    group,
+    num_classes,
+    n_q,
+    n_k,
+    q_offset,
+    num_q_blocks,
+    max_full,
+    max_part,
+    NUM_TERMS: tl.constexpr,
+    USE_MOD: tl.constexpr,
+    USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr,
+    USE_TILES: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDEN_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    qb = num_q_blocks - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    c = h % num_classes
+    hk = h // group
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_mask = (offs_m < n_q)[:, None] & d_ok[None, :]
+    row_offs = offs_m[:, None] * stride_qm + offs_d[None, :]
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q = tl.load(q_base + row_offs, mask=q_mask, other=0.0)
+    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+    lse, delta, row_vis = _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, IS_FP64)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    key_mask_base = KeyMask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + offs_n[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float64 if IS_FP64 else tl.float32)
+    row = c * num_q_blocks + qb
+
+    n_full = tl.load(FullNum + row)
+    for t in range(n_full):
+        kb = tl.load(FullIdx + row * max_full + t)
+        dq = _bwd_dq_block(
+            dq, q, do, lse, delta, row_vis, k_base, v_base, stride_kn, stride_vn, kb, offs_m,
+            offs_n, offs_d, d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, Tiles,
+            Terms, c, False, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK,
+            IS_FP64, DOT_PRECISION, WIDEN_DOT, BLOCK_N,
+        )  # fmt: skip
+    n_part = tl.load(PartNum + row)
+    for t in range(n_part):
+        kb = tl.load(PartIdx + row * max_part + t)
+        tile_ptrs = Tiles + tile_offs
+        if USE_TILES:
+            tile = tl.load(PartTile + row * max_part + t)
+            tile_ptrs += tile.to(tl.int64) * (BLOCK_M * BLOCK_N)
+        dq = _bwd_dq_block(
+            dq, q, do, lse, delta, row_vis, k_base, v_base, stride_kn, stride_vn, kb, offs_m,
+            offs_n, offs_d, d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, tile_ptrs,
+            Terms, c, True, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK,
+            IS_FP64, DOT_PRECISION, WIDEN_DOT, BLOCK_N,
+        )  # fmt: skip
+
+    # DQ is a contiguous [B, H, n_q, D] accumulator-dtype tensor.
+    dq_base = DQ + bh.to(tl.int64) * n_q * HEAD_DIM
+    tl.store(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * sm_scale, mask=q_mask)
+
+
+@triton.jit
+def _bwd_dkdv_block(
+    dk,
+    dv,
+    k,
+    v,
+    col_ok,
+    cols,
+    q_base,
+    do_base,
+    stride_qm,
+    stride_dom,
+    Lse,
+    Delta,
+    bh,
+    qb,
+    offs_r,
+    offs_d,
+    d_ok,
+    n_q,
+    q_offset,
+    qk_scale,
+    tile_ptrs,
+    Terms,
+    c,
+    PARTIAL: tl.constexpr,
+    NUM_TERMS: tl.constexpr,
+    USE_MOD: tl.constexpr,
+    USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr,
+    USE_TILES: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDEN_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """dv += P^T dO, dk += dS^T Q over one query block, in the transposed [BN, BM] orientation."""
+    offs_m = qb * BLOCK_M + offs_r
+    q_mask = (offs_m < n_q)[:, None] & d_ok[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+    lse, delta, row_vis = _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, IS_FP64)
+    st = _dot(k, tl.trans(q), DOT_PRECISION, WIDEN_DOT) * qk_scale
+    vis = _visible(
+        col_ok[:, None] & row_vis[None, :],
+        (offs_m + q_offset)[None, :],
+        cols[:, None],
+        tile_ptrs,
+        Terms,
+        c,
+        PARTIAL,
+        NUM_TERMS,
+        USE_MOD,
+        USE_GROUP,
+        USE_COLS,
+        USE_TILES,
+    )
+    pt = _exp(tl.where(vis, st - lse[None, :], float("-inf")), not IS_FP64)
+    dv += _dot(pt.to(do.dtype), do, DOT_PRECISION, WIDEN_DOT)
+    dpt = _dot(v, tl.trans(do), DOT_PRECISION, WIDEN_DOT)
+    dst = pt * (dpt - delta[None, :])
+    dk += _dot(dst.to(q.dtype), q, DOT_PRECISION, WIDEN_DOT)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    KeyMask,
+    FullNum,
+    FullIdx,
+    PartNum,
+    PartIdx,
+    PartTile,
+    Terms,
+    Tiles,
+    qk_scale,
+    sm_scale,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_mb,
+    stride_mh,
+    stride_mn,
+    num_heads,
+    group,
+    num_classes,
+    n_q,
+    n_k,
+    q_offset,
+    num_k_blocks,
+    max_full,
+    max_part,
+    NUM_TERMS: tl.constexpr,
+    USE_MOD: tl.constexpr,
+    USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr,
+    USE_TILES: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDEN_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    kb = tl.program_id(0)
+    bhk = tl.program_id(1)
+    num_kv_heads = num_heads // group
+    b = bhk // num_kv_heads
+    hk = bhk % num_kv_heads
+    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = (cols < n_k)[:, None] & d_ok[None, :]
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    # Tiles are stored [BM, BN]; read them transposed.
+    tile_offs = offs_r[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
+    # The query heads of this kv head, one after the other: a deterministic GQA reduction.
+    for g in range(group):
+        h = hk * group + g
+        bh = b * num_heads + h
+        c = h % num_classes
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        key_mask_base = KeyMask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        col_ok = _key_ok(cols, n_k, key_mask_base, stride_mn, HAS_KEY_MASK)
+        row = c * num_k_blocks + kb
+        n_full = tl.load(FullNum + row)
+        for t in range(n_full):
+            qb = tl.load(FullIdx + row * max_full + t)
+            dk, dv = _bwd_dkdv_block(
+                dk, dv, k, v, col_ok, cols, q_base, do_base, stride_qm, stride_dom, Lse, Delta,
+                bh, qb, offs_r, offs_d, d_ok, n_q, q_offset, qk_scale, Tiles, Terms, c, False,
+                NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, IS_FP64, DOT_PRECISION,
+                WIDEN_DOT, BLOCK_M,
+            )  # fmt: skip
+        n_part = tl.load(PartNum + row)
+        for t in range(n_part):
+            qb = tl.load(PartIdx + row * max_part + t)
+            tile_ptrs = Tiles + tile_offs
+            if USE_TILES:
+                tile = tl.load(PartTile + row * max_part + t)
+                tile_ptrs += tile.to(tl.int64) * (BLOCK_M * BLOCK_N)
+            dk, dv = _bwd_dkdv_block(
+                dk, dv, k, v, col_ok, cols, q_base, do_base, stride_qm, stride_dom, Lse, Delta,
+                bh, qb, offs_r, offs_d, d_ok, n_q, q_offset, qk_scale, tile_ptrs, Terms, c, True,
+                NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, IS_FP64, DOT_PRECISION,
+                WIDEN_DOT, BLOCK_M,
+            )  # fmt: skip
+
+    # DK and DV are contiguous [B, Hkv, n_k, D] accumulator-dtype tensors.
+    out_offs = bhk.to(tl.int64) * n_k * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_offs, dk * sm_scale, mask=kv_mask)
+    tl.store(DV + out_offs, dv, mask=kv_mask)
+
+
+# --------------------------------------------------------------------------- launchers
+def _interpreting() -> bool:
+    # triton.jit returns an interpreter stand-in (not a JITFunction) under TRITON_INTERPRET=1.
+    return not isinstance(_fwd_kernel, triton.runtime.JITFunction)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+class _Config(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: tuple[int, int]  # on sm_80 (also used below sm_90), on sm_90
+
+
+# The shipped configs per (kernel, fp32 inputs, BLOCK_D), each checked for spills and shared
+# memory on sm_80 and sm_90 by bench/compile_report.py (compile_configs below). The forward's
+# 64-row query blocks keep the work efficiency of strided(128) and fixed(128, c) above 50% at
+# n >= 4096 (128-row blocks drop strided(128) to 37%: its column part is causal inside chunks of
+# n / 128 keys). fp32 products are IEEE fp32 (FMA, no tensor cores), hence smaller tiles.
+_CONFIGS: dict[tuple[str, bool, int], _Config] = {
+    **{("fwd", False, d): _Config(64, 64, 4, (3, 3)) for d in (16, 32, 64, 128)},
+    ("fwd", False, 256): _Config(64, 32, 4, (2, 2)),
+    **{("dq", False, d): _Config(64, 32, 4, (2, 2)) for d in (16, 32, 64, 128, 256)},
+    **{("dkdv", False, d): _Config(32, 64, 4, (2, 2)) for d in (16, 32, 64, 128, 256)},
+    **{("fwd", True, d): _Config(64, 16, 4, (2, 2)) for d in (16, 32, 64, 128, 256)},
+    **{("dq", True, d): _Config(32, 16, 4, (2, 2)) for d in (16, 32, 64, 128, 256)},
+    **{("dkdv", True, d): _Config(16, 32, 4, (2, 2)) for d in (16, 32, 64, 128, 256)},
+}
+
+
+class _LayoutArgs:
+    """A layout's tensors and constexpr flags in kernel form (cached per layout)."""
+
+    def __init__(self, layout: BlockLayout):
+        self.use_tiles = layout.tiles is not None
+        if self.use_tiles:
+            self.tiles = layout.tiles.to(torch.uint8).contiguous()
+            self.terms = self.tiles  # unused: any pointer will do
+            self.num_terms, self.use_mod, self.use_group, self.use_cols = 1, False, False, False
+            self.kv_tile, self.q_tile = layout.kv_part_tile, layout.q_part_tile
+        else:
+            self.terms = layout.terms.to(device=layout.kv_full_num.device).contiguous()
+            self.tiles = self.terms  # unused: any pointer will do
+            rows = [t for cls in layout.terms.tolist() for t in cls]
+            self.num_terms = layout.terms.shape[1]
+            self.use_mod = any(t[2] > 0 for t in rows)
+            self.use_group = any(t[3] > 0 for t in rows)
+            self.use_cols = any(t[6] > 0 for t in rows)
+            self.kv_tile, self.q_tile = layout.kv_part_idx, layout.q_part_idx
+
+    def constexprs(self) -> dict:
+        return {
+            "NUM_TERMS": self.num_terms,
+            "USE_MOD": self.use_mod,
+            "USE_GROUP": self.use_group,
+            "USE_COLS": self.use_cols,
+            "USE_TILES": self.use_tiles,
+        }
+
+
+_LAYOUT_ARGS: weakref.WeakKeyDictionary[BlockLayout, _LayoutArgs] = weakref.WeakKeyDictionary()
+
+
+def _layout_args(layout: BlockLayout) -> _LayoutArgs:
+    args = _LAYOUT_ARGS.get(layout)
+    if args is None:
+        args = _LAYOUT_ARGS[layout] = _LayoutArgs(layout)
+    return args
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index the head dim with stride 1; other strides are passed through."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _key_mask_args(key_mask, b, h, n_k, fallback):
+    """(pointer tensor, strides) of the key mask expanded to [B, H, n_k], 0 on broadcast dims."""
+    if key_mask is None:
+        return fallback, (0, 0, 0)
+    if key_mask.dtype != torch.bool:
+        raise TypeError(f"key_mask must be a bool tensor, got {key_mask.dtype}")
+    km = key_mask.expand(b, h, n_k)
+    strides = tuple(0 if km.shape[i] == 1 else km.stride(i) for i in range(3))
+    return km.view(torch.uint8), strides
+
+
+def _scales(q: torch.Tensor, scale: float):
+    """(q as the kernels read it, qk_scale, sm_scale) for the dtype's exponent base."""
+    if q.dtype == torch.float64:
+        # fp64: scale q in fp64 here (kernel float arguments are fp32) and use base e.
+        return q * scale, 1.0, 1.0
+    return q, scale * _LOG2E, scale
+
+
+def _common_checks(q, k):
+    b, h, _, _ = q.shape
+    if b * h > 65535 or b * k.shape[1] > 65535:
+        raise ValueError(
+            f"batch x heads = {b * h} exceeds the 65535 programs of a CUDA grid's second axis"
+        )
+
+
+def _arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 80  # the interpreter ignores launch options
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def _config(kernel: str, dtype: torch.dtype, head_dim: int) -> _Config:
+    cfg = _CONFIGS[(kernel, dtype in (torch.float32, torch.float64), _block_d(head_dim))]
+    if BLOCKS_OVERRIDE is not None:
+        cfg = cfg._replace(block_m=BLOCKS_OVERRIDE[0], block_n=BLOCKS_OVERRIDE[1])
+    return cfg
+
+
+def _launch_options(cfg: _Config, device: torch.device) -> dict:
+    stages = cfg.num_stages[1] if _arch(device) >= 90 else cfg.num_stages[0]
+    return {"num_warps": cfg.num_warps, "num_stages": stages}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get fp32 products (TF32 would lose ~3 decimal digits); ignored for 16-bit.
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+# --------------------------------------------------------------------------- backend contract
+def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise for what the Triton kernels cannot serve (q, k, v already validated together)."""
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"the triton backend takes fp16, bf16, fp32 (fp64 interpreted), got {q.dtype}"
+        )
+    if q.device.type == "cpu":
+        if not _interpreting():
+            raise ValueError(
+                "the triton backend needs CUDA tensors; CPU tensors run only in Triton's "
+                "interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+            )
+    elif q.device.type == "cuda":
+        if q.dtype == torch.float64 and not _interpreting():
+            raise TypeError(
+                "the triton backend takes fp64 only in Triton's interpreter (for gradcheck); "
+                "use fp32, fp16 or bf16 on the GPU"
+            )
+    else:
+        raise ValueError(f"the triton backend needs CUDA tensors, got tensors on {q.device}")
+    d = q.shape[-1]
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"the triton backend takes head dims {MIN_HEAD_DIM} <= D <= {MAX_HEAD_DIM}, got D={d}"
+        )
+
+
+def plan_blocks(q: torch.Tensor) -> tuple[int, int]:
+    """(block_m, block_n) of the forward kernel for q's head dim: they choose the plan."""
+    cfg = _config("fwd", q.dtype, q.shape[-1])
+    return cfg.block_m, cfg.block_n
+
+
+def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None):
+    """Block-sparse attention forward over one part.
+
+    Args:
+        q: [B, H, n_q, D]; k, v: [B, Hkv, n_k, D], H % Hkv == 0; CUDA (or CPU when interpreted).
+        layout_fn: (block_m, block_n) -> the part's BlockLayout on q's device.
+        scale: score scale.
+        key_mask: None or bool broadcastable to [B, H, n_k], True = key hidden.
+
+    Returns:
+        out [B, H, n_q, D] in q's dtype and lse [B, H, n_q] fp32 (fp64 for fp64), -inf and a
+        zero row where a query sees no key.
+    """
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty(b, h, n_q, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, n_q, dtype=acc, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    _common_checks(q, k)
+    cfg = _config("fwd", q.dtype, d)
+    layout = layout_fn(cfg.block_m, cfg.block_n)
+    la = _layout_args(layout)
+    qs, qk_scale, _ = _scales(q, scale)
+    qs, k, v = _rows_contiguous(qs), _rows_contiguous(k), _rows_contiguous(v)
+    km, km_strides = _key_mask_args(key_mask, b, h, n_k, lse)
+    grid = (layout.num_q_blocks, b * h)
+    _fwd_kernel[grid](
+        qs, k, v, out, lse, km,
+        layout.kv_full_num, layout.kv_full_idx, layout.kv_part_num, layout.kv_part_idx,
+        la.kv_tile, la.terms, la.tiles,
+        qk_scale,
+        *qs.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *km_strides,
+        h, h // h_kv, layout.num_classes, n_q, n_k, layout.q_offset,
+        layout.num_q_blocks, layout.kv_full_idx.shape[-1], layout.kv_part_idx.shape[-1],
+        HAS_KEY_MASK=key_mask is not None,
+        IS_FP64=q.dtype == torch.float64,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        WIDEN_DOT=_interpreting() and q.dtype == torch.bfloat16,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=_block_d(d),
+        HEAD_DIM=d,
+        **la.constexprs(),
+        **_launch_options(cfg, q.device),
+    )  # fmt: skip
+    return out, lse
+
+
+def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_mask=None):
+    """Gradients of one part from the merged lse and delta of the whole plan.
+
+    Args:
+        q: [B, H, n_q, D]; k, v: [B, Hkv, n_k, D]; dout: [B, H, n_q, D].
+        lse: [B, H, n_q] merged log-sum-exp; rows at +-inf contribute nothing.
+        delta: [B, H, n_q] rowsum(dout * out) - dlse of the whole plan.
+        layout_fn, scale, key_mask: as in :func:`sparse_forward`.
+
+    Returns:
+        dq [B, H, n_q, D], dk and dv [B, Hkv, n_k, D], in fp32 (fp64 for fp64) so that the parts
+        of a plan add up without rounding to the input dtype in between.
+    """
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(b, h, n_q, d, dtype=acc, device=q.device)
+    dk = torch.zeros(b, h_kv, n_k, d, dtype=acc, device=q.device)
+    dv = torch.zeros(b, h_kv, n_k, d, dtype=acc, device=q.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq, dk, dv
+    _common_checks(q, k)
+    qs, qk_scale, sm_scale = _scales(q, scale)
+    qs, k, v = _rows_contiguous(qs), _rows_contiguous(k), _rows_contiguous(v)
+    dout = _rows_contiguous(dout)
+    lse = lse.to(acc).contiguous()
+    delta = delta.to(acc).contiguous()
+    km, km_strides = _key_mask_args(key_mask, b, h, n_k, lse)
+    strides = (*qs.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *km_strides)
+    flags = dict(
+        HAS_KEY_MASK=key_mask is not None,
+        IS_FP64=q.dtype == torch.float64,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        WIDEN_DOT=_interpreting() and q.dtype == torch.bfloat16,
+        BLOCK_D=_block_d(d),
+        HEAD_DIM=d,
+    )
+
+    cfg = _config("dq", q.dtype, d)
+    layout = layout_fn(cfg.block_m, cfg.block_n)
+    la = _layout_args(layout)
+    _bwd_dq_kernel[(layout.num_q_blocks, b * h)](
+        qs, k, v, dout, lse, delta, dq, km,
+        layout.kv_full_num, layout.kv_full_idx, layout.kv_part_num, layout.kv_part_idx,
+        la.kv_tile, la.terms, la.tiles,
+        qk_scale, sm_scale, *strides,
+        h, h // h_kv, layout.num_classes, n_q, n_k, layout.q_offset,
+        layout.num_q_blocks, layout.kv_full_idx.shape[-1], layout.kv_part_idx.shape[-1],
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, **la.constexprs(),
+        **_launch_options(cfg, q.device),
+    )  # fmt: skip
+
+    cfg = _config("dkdv", q.dtype, d)
+    layout = layout_fn(cfg.block_m, cfg.block_n)
+    la = _layout_args(layout)
+    _bwd_dkdv_kernel[(layout.num_k_blocks, b * h_kv)](
+        qs, k, v, dout, lse, delta, dk, dv, km,
+        layout.q_full_num, layout.q_full_idx, layout.q_part_num, layout.q_part_idx,
+        la.q_tile, la.terms, la.tiles,
+        qk_scale, sm_scale, *strides,
+        h, h // h_kv, layout.num_classes, n_q, n_k, layout.q_offset,
+        layout.num_k_blocks, layout.q_full_idx.shape[-1], layout.q_part_idx.shape[-1],
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, **la.constexprs(),
+        **_launch_options(cfg, q.device),
+    )  # fmt: skip
+    if q.dtype == torch.float64:
+        dq = dq * scale
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- AOT configs
+_POINTER_TYPES = {
+    "Lse": "*acc",
+    "Delta": "*acc",
+    "DQ": "*acc",
+    "DK": "*acc",
+    "DV": "*acc",
+    "KeyMask": "*u8",
+    "Tiles": "*u8",
+    "FullNum": "*i32",
+    "FullIdx": "*i32",
+    "PartNum": "*i32",
+    "PartIdx": "*i32",
+    "PartTile": "*i32",
+    "Terms": "*i32",
+}
+_IO_POINTERS = ("Q", "K", "V", "Out", "DO")
+
+
+def _signature(kernel, dtype: str) -> dict[str, str]:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in _IO_POINTERS:
+            sig[name] = f"*{dtype}"
+        elif name in _POINTER_TYPES:
+            sig[name] = _POINTER_TYPES[name].replace("acc", "fp32")
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        elif name.isupper() or name.startswith(("BLOCK_", "NUM_", "USE_", "HAS_", "IS_")):
+            continue
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _divisible_by_16(kernel) -> tuple[str, ...]:
+    sig = _signature(kernel, "fp16")
+    return tuple(n for n, t in sig.items() if t.startswith("*") or n.startswith("stride_"))
+
+
+def compile_configs():
+    """Every kernel configuration the launchers can pick, for bench/compile_report.py.
+
+    Per kernel, dtype and BLOCK_D: the heaviest term predicate (two terms with every constraint
+    kind, plus a key mask) and, for fp16, the stored-tile predicate of custom patterns; other
+    predicates only drop code from these. HEAD_DIM is BLOCK_D: smaller head dims of a bucket
+    add masks to the loads of the same tiles.
+    """
+    kernels = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
+    terms = {"NUM_TERMS": 2, "USE_MOD": True, "USE_GROUP": True, "USE_COLS": True}
+    tiles = {"NUM_TERMS": 1, "USE_MOD": False, "USE_GROUP": False, "USE_COLS": False}
+    for (kname, wide, block_d), cfg in _CONFIGS.items():
+        kernel = kernels[kname]
+        for dtype in ("fp32",) if wide else ("fp16", "bf16"):
+            variants = [("terms", {**terms, "USE_TILES": False})]
+            if dtype == "fp16":
+                variants.append(("tiles", {**tiles, "USE_TILES": True}))
+            for vname, flags in variants:
+                for arch, stages in zip((80, 90), cfg.num_stages):
+                    yield KernelConfig(
+                        name=f"sparse_{kname}[D={block_d},{dtype},{vname},"
+                        f"{cfg.block_m}x{cfg.block_n},w{cfg.num_warps}s{stages}]",
+                        fn=kernel,
+                        signature=_signature(kernel, dtype),
+                        constexprs={
+                            **flags,
+                            "HAS_KEY_MASK": True,
+                            "IS_FP64": False,
+                            "DOT_PRECISION": "ieee" if wide else "tf32",
+                            "WIDEN_DOT": False,
+                            "BLOCK_M": cfg.block_m,
+                            "BLOCK_N": cfg.block_n,
+                            "BLOCK_D": block_d,
+                            "HEAD_DIM": block_d,
+                        },
+                        num_warps=cfg.num_warps,
+                        num_stages=stages,
+                        # torch allocations and the strides of [.., D] rows with D % 16 == 0.
+                        divisible_by_16=_divisible_by_16(kernel),
+                        archs=(arch,),
+                    )
