@@ -398,11 +398,11 @@ def test_replace_attention_in_encoder_eval_fast_path():
         want = original(x, src_key_padding_mask=kpm)
         keep = ~kpm
         assert torch.allclose(got[keep], want[keep], atol=1e-5)
-        # The guard hook is what keeps the fused path off: without it PyTorch takes that path
-        # and finds no nn.MultiheadAttention internals.
+        # The guard hook is what keeps the fused path off: without it PyTorch takes that path,
+        # and the module refuses loudly.
         layer = model.layers[0]
         layer.self_attn._forward_pre_hooks.clear()
-        with pytest.raises(AttributeError, match="merge_masks"):
+        with pytest.raises(RuntimeError, match="fused eval path"):
             layer(x)
 
 

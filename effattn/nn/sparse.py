@@ -228,6 +228,19 @@ class SparseMultiheadAttention(nn.Module):
         self._reset_parameters()
         self.register_forward_pre_hook(_guard_fused_path)
 
+    def merge_masks(self, *args, **kwargs):
+        """Raise: only nn.TransformerEncoderLayer's fused eval path calls this, and that path
+        would run dense attention on ``in_proj_weight`` instead of this module.
+
+        The forward pre-hook registered in ``__init__`` keeps PyTorch off that path; reaching
+        here means it was removed (or a PyTorch version ignores hooks there).
+        """
+        raise RuntimeError(
+            "nn.TransformerEncoderLayer took its fused eval path, which would bypass "
+            "SparseMultiheadAttention; keep the module's forward pre-hook in place, or disable "
+            "the path with torch.backends.mha.set_fastpath_enabled(False)"
+        )
+
     def _reset_parameters(self) -> None:
         if self._qkv_same_embed_dim:
             xavier_uniform_(self.in_proj_weight)
