@@ -1,0 +1,329 @@
+"""The CUDA C++ backend (effattn.ops.cuda, csrc/cuda).
+
+Three layers, so that most of it is checked on machines without a GPU:
+
+* host logic (argument checks, layout packing, launch geometry, the shared-memory declarations
+  that bench/compile_report.py reads): plain CPU tests;
+* the kernels themselves, run on the CPU by the emulator of csrc/cuda/emu (the same kernel
+  source compiled with the host compiler; ldmatrix / mma.sync / cp.async emulated with their PTX
+  semantics, random thread interleavings, bounds-checked memory), against the dense reference:
+  marked ``slow`` (the emulator is built once per source change, ~30 s);
+* the real kernels on a GPU against the reference, with the test matrix of the Triton path:
+  marked ``gpu``, skipped without one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import effattn
+from effattn import patterns as P
+from effattn import reference
+from effattn.ops import cuda as ops
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+HAS_GPU = torch.cuda.is_available() and "cuda" in effattn.backends()
+
+
+# --------------------------------------------------------------------------- host logic
+def test_padded_head_dim():
+    assert [ops.padded_head_dim(d) for d in (16, 41, 64, 65, 80, 96, 128)] == [
+        64,
+        64,
+        64,
+        128,
+        128,
+        128,
+        128,
+    ]
+    with pytest.raises(ValueError, match="up to 128"):
+        ops.padded_head_dim(129)
+    with pytest.raises(ValueError, match="positive int"):
+        ops.padded_head_dim(0)
+
+
+def test_launch_geometry():
+    g = ops.launch_geometry(
+        "sparse_fwd", head_dim=64, batch=2, heads=6, kv_heads=3, n_q=130, n_k=300
+    )
+    assert (g.grid_x, g.grid_y, g.threads) == (3, 12, 128)
+    g = ops.launch_geometry(
+        "sparse_bwd_dkdv", head_dim=128, batch=2, heads=6, kv_heads=3, n_q=130, n_k=300
+    )
+    assert (g.grid_x, g.grid_y) == (5, 6)
+    assert g.smem_bytes == ops.smem_bytes("sparse_bwd_dkdv", 128)
+    with pytest.raises(ValueError, match="65535"):
+        ops.launch_geometry(
+            "sparse_fwd", head_dim=64, batch=65536, heads=1, kv_heads=1, n_q=1, n_k=1
+        )
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        ops.launch_geometry("sparse_fwd", head_dim=64, batch=1, heads=3, kv_heads=2, n_q=1, n_k=1)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        ops.launch_geometry("nope", head_dim=64, batch=1, heads=1, kv_heads=1, n_q=1, n_k=1)
+
+
+def _smem_declarations() -> list[tuple[re.Pattern, int]]:
+    """The `// effattn:dynamic-smem REGEX BYTES` lines, parsed as bench/compile_report.py does."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import compile_report
+    finally:
+        sys.path.pop(0)
+    return compile_report._dynamic_smem_rules(CUDA_DIR)
+
+
+@pytest.mark.parametrize("kernel", sorted(ops.KERNEL_STRUCTS))
+@pytest.mark.parametrize("head_dim", ops.HEAD_DIMS)
+@pytest.mark.parametrize("elem", ["F16", "BF16"])
+def test_smem_declarations_match_launch_geometry(kernel, head_dim, elem):
+    # What compile_report gates on is what the launcher requests (and the kernel checks).
+    struct = ops.KERNEL_STRUCTS[kernel]
+    name = (
+        f"void effattn::cuda::attention_kernel<effattn::cuda::{struct}<effattn::cuda::{elem}, "
+        f"{head_dim}>, effattn::cuda::SparseParams>(effattn::cuda::SparseParams)"
+    )
+    declared = [v for r, v in _smem_declarations() if r.search(name)]
+    assert declared == [ops.smem_bytes(kernel, head_dim)]
+    assert ops.smem_bytes(kernel, head_dim) <= 163 * 1024  # sm_80's opt-in maximum
+
+
+def test_pack_layout_terms_and_tiles():
+    lay = P.strided(48).layout(200, 200, 64, 64)
+    packed = ops.pack_layout(lay)
+    assert packed is ops.pack_layout(lay)  # cached
+    assert packed.terms.dtype == torch.int32 and packed.terms.is_contiguous()
+    assert packed.terms.shape == (1, 2, 9) and packed.tiles is None
+    assert (packed.num_q_blocks, packed.num_k_blocks, packed.num_classes) == (4, 4, 1)
+    mask = torch.rand(1, 100, 130, generator=torch.Generator().manual_seed(0)) < 0.3
+    custom = P.from_mask(mask).layout(100, 130, 64, 64)
+    packed = ops.pack_layout(custom)
+    assert packed.tiles.dtype == torch.uint8 and packed.tiles.shape[1:] == (64, 64)
+    assert packed.terms is None and packed.kv_part_tile.dtype == torch.int32
+    with pytest.raises(ValueError, match="64 x 64"):
+        ops.pack_layout(P.causal().layout(100, 100, 32, 64))
+    with pytest.raises(TypeError, match="BlockLayout"):
+        ops.pack_layout("causal")
+
+
+def test_key_mask_strides():
+    km = torch.zeros(2, 1, 50, dtype=torch.bool)
+    view, strides = ops.key_mask_strides(km, 2, 4, 50)
+    assert strides == (50, 0, 1) and view.dtype == torch.uint8
+    view, strides = ops.key_mask_strides(torch.zeros(50, dtype=torch.bool), 2, 4, 50)
+    assert strides == (0, 0, 1)
+    assert ops.key_mask_strides(None, 2, 4, 50) == (None, (0, 0, 0))
+    with pytest.raises(TypeError, match="bool"):
+        ops.key_mask_strides(torch.zeros(2, 1, 50), 2, 4, 50)
+    with pytest.raises(ValueError, match="broadcast"):
+        ops.key_mask_strides(torch.zeros(3, 1, 50, dtype=torch.bool), 2, 4, 50)
+
+
+def test_prepare_rows_pads_and_aligns():
+    x = torch.randn(2, 3, 10, 41, dtype=torch.float16)
+    y = ops.prepare_rows(x, 64)
+    assert y.shape == (2, 3, 10, 64) and torch.equal(y[..., :41], x) and not y[..., 41:].any()
+    x = torch.randn(2, 3, 10, 64, dtype=torch.float16)
+    assert ops.prepare_rows(x, 64) is x
+    t = x.transpose(1, 2)  # strides still multiples of 8: read in place
+    assert ops.prepare_rows(t, 64) is t
+    odd = torch.randn(1, 1, 10 * 64 + 1, dtype=torch.float16)[..., 1:].view(1, 1, 10, 64)
+    fixed = ops.prepare_rows(odd, 64)
+    assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, odd)
+
+
+def test_sparse_params_fields():
+    q = torch.randn(2, 4, 70, 64, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 90, 64, dtype=torch.bfloat16)
+    lay = P.causal().layout(70, 90, 64, 64)
+    packed = ops.pack_layout(lay)
+    km = torch.zeros(2, 1, 90, dtype=torch.bool)
+    f = ops.sparse_params(q=q, k=k, v=k, layout=packed, scale=0.5, key_mask=km)
+    assert (f["batch"], f["heads"], f["kv_heads"], f["n_q"], f["n_k"]) == (2, 4, 2, 70, 90)
+    assert f["q_offset"] == 20 and f["dtype"] == 1 and f["head_dim"] == 64
+    assert (f["q_sb"], f["q_sh"], f["q_sn"]) == q.stride()[:3]
+    assert (f["km_sb"], f["km_sh"], f["km_sn"]) == (90, 0, 1)
+    assert f["num_terms"] == 1 and f["use_tiles"] == 0
+    assert f["max_kv_full"] == lay.kv_full_idx.shape[-1]
+    assert abs(f["scale_log2"] - 0.5 * 1.4426950408889634) < 1e-12
+
+
+def test_check_refuses_clearly():
+    q = torch.randn(1, 2, 8, 64)
+    with pytest.raises((TypeError, ValueError), match="(?i)cuda"):
+        ops.check(q, q, q)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend 'cuda' is not available|CUDA"):
+            effattn.sparse_attention(q.half(), q.half(), q.half(), P.causal(), backend="cuda")
+
+
+def test_auto_never_picks_cuda():
+    # Until a GPU run of this file is recorded, "auto" must not choose the CUDA backend.
+    from effattn.functional import _resolve_backend
+
+    assert _resolve_backend("auto", torch.device("cpu")) != "cuda"
+    if torch.cuda.is_available():
+        assert _resolve_backend("auto", torch.device("cuda")) != "cuda"
+
+
+# --------------------------------------------------------------------------- emulator
+def _emulator_sources() -> list[Path]:
+    return sorted(p for p in CUDA_DIR.rglob("*") if p.suffix in (".h", ".cuh", ".cpp", ".cu"))
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """The kernels compiled for the host with the emulator (cached by source hash)."""
+    import pybind11
+
+    digest = hashlib.sha256()
+    for path in _emulator_sources():
+        digest.update(path.read_bytes())
+    out_dir = ROOT / "build" / "cuda_emu" / digest.hexdigest()[:16]
+    name = "effattn_cuda_emu"
+    target = out_dir / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    if not target.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [
+            os.environ.get("CXX", "g++"),
+            "-O2",
+            "-std=c++17",
+            "-shared",
+            "-fPIC",
+            "-DEFFATTN_EMULATE",
+            "-I",
+            str(ROOT / "csrc"),
+            "-I",
+            sysconfig.get_paths()["include"],
+            "-I",
+            pybind11.get_include(),
+            str(CUDA_DIR / "emu" / "module.cpp"),
+            "-o",
+            str(tmp),
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            pytest.fail(f"building the emulator failed:\n{res.stderr[-4000:]}")
+        os.replace(tmp, target)
+    spec = importlib.util.spec_from_file_location(name, target)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _inputs(b, h, h_kv, n_q, n_k, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n_q, d, generator=g).to(dtype)
+    k = torch.randn(b, h_kv, n_k, d, generator=g).to(dtype)
+    v = torch.randn(b, h_kv, n_k, d, generator=g).to(dtype)
+    return q, k, v
+
+
+def _emulated_sparse(emu, pattern, q, k, v, kpm=None, with_lse_grad=True, seed=1):
+    """Forward and backward of sparse_attention's plan, every part through the emulated kernels
+    (the merge and gather of effattn.functional, with this backend's kernels in place)."""
+    from effattn import functional as F
+
+    class Backend:
+        check = staticmethod(lambda q, k, v: None)
+        plan_blocks = staticmethod(ops.plan_blocks)
+
+        @staticmethod
+        def sparse_forward(q, k, v, layout_fn, *, scale, key_mask=None):
+            lay = layout_fn(ops.BLOCK, ops.BLOCK)
+            return ops.run_sparse_forward(emu, 0, q, k, v, lay, scale=scale, key_mask=key_mask)
+
+        @staticmethod
+        def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale, key_mask=None):
+            lay = layout_fn(ops.BLOCK, ops.BLOCK)
+            return ops.run_sparse_backward(
+                emu, 0, q, k, v, dout, lse, delta, lay, scale=scale, key_mask=key_mask
+            )
+
+    scale = q.shape[-1] ** -0.5
+    orig = F._module
+    F._module = lambda table, name: Backend if name == "emu" else orig(table, name)
+    try:
+        out, lse = F._run_forward(q, k, v, kpm, pattern, scale, "emu")
+        g = torch.Generator().manual_seed(seed)
+        dout = torch.randn(out.shape, generator=g).to(q.dtype)
+        finite = torch.isfinite(lse)
+        dlse = (
+            torch.randn(lse.shape, generator=g).masked_fill(~finite, 0) if with_lse_grad else None
+        )
+        grads = F._run_backward(dout, dlse, q, k, v, out, lse, kpm, pattern, scale, "emu")
+    finally:
+        F._module = orig
+    return out, lse, dout, dlse, grads
+
+
+def _reference(pattern, q, k, v, kpm, dout, dlse):
+    h = q.shape[1]
+    mask = pattern.mask(q.shape[2], k.shape[2], h).unsqueeze(0)
+    if kpm is not None:
+        mask = mask & ~kpm[:, None, None]
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    out, lse = reference.attention(qd, kd, vd, mask, return_lse=True)
+    finite = torch.isfinite(lse)
+    loss = (out * dout.double()).sum()
+    if dlse is not None:
+        loss = loss + (torch.where(finite, lse, 0) * dlse.double()).sum()
+    grads = torch.autograd.grad(loss, (qd, kd, vd))
+    return out, lse, grads
+
+
+def _assert_close(name, got, want, dtype):
+    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    err = (got.double() - want).abs().max().item() if got.numel() else 0.0
+    scale = max(1.0, want.abs().max().item() if want.numel() else 1.0)
+    assert err <= tol * scale, f"{name}: max abs error {err:.3g} (scale {scale:.3g})"
+
+
+EMU_CASES = [
+    # pattern, b, h, h_kv, n_q, n_k, d, dtype, key padding
+    (P.causal(), 1, 2, 1, 100, 100, 64, torch.float16, False),
+    (P.full(), 1, 1, 1, 70, 130, 128, torch.bfloat16, True),
+    (P.strided(24), 1, 2, 2, 150, 150, 64, torch.bfloat16, False),
+    (P.fixed(32, 4, num_patterns=2), 1, 2, 1, 130, 130, 41, torch.float16, True),
+    (P.local(20, causal=False), 2, 1, 1, 90, 90, 80, torch.float16, False),
+    (
+        P.from_mask(torch.rand(1, 70, 100, generator=torch.Generator().manual_seed(3)) < 0.2),
+        1,
+        1,
+        1,
+        70,
+        100,
+        64,
+        torch.float16,
+        False,
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: f"{c[0].name[:24]}-d{c[6]}-{c[7]}")
+def test_emulated_kernels_match_reference(emu, case):
+    pattern, b, h, h_kv, n_q, n_k, d, dtype, padding = case
+    q, k, v = _inputs(b, h, h_kv, n_q, n_k, d, dtype)
+    kpm = None
+    if padding:
+        kpm = torch.rand(b, n_k, generator=torch.Generator().manual_seed(5)) < 0.2
+    out, lse, dout, dlse, grads = _emulated_sparse(emu, pattern, q, k, v, kpm)
+    ref_out, ref_lse, ref_grads = _reference(pattern, q, k, v, kpm, dout, dlse)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    _assert_close("out", out, ref_out, dtype)
+    _assert_close("lse", lse[finite], ref_lse[finite], dtype)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, got, want, dtype)
