@@ -99,63 +99,91 @@ void pack_block(const T* src, i64 sn, i64 sd, i64 n, i64 D, i64 Dp, i64 BN, i64 
 }
 
 // ------------------------------------------------------------------------------- masks
-// 0 for the keys of block [j0, j0 + BN) that head (b, h) may see, -inf for keys past n_k or
-// hidden by the key mask. Returns false (bias untouched) when every key is visible.
+// Hides (sets to -inf) the scores s [BM] of key j for query positions p0 + il that no term of
+// the packed OR [nt, 9] allows (effattn.patterns.Term: band, modulus, group, columns). Seen from
+// one key, a term is an interval of queries (band, group; "!=" groups cut one out), stepped
+// through when it has a modulus and gated as a whole by the columns constraint: intervals are
+// compared lane-wise, modulus terms mark their few queries one by one. keep: BM scratch.
 template <class T>
-bool column_bias(const uint8_t* km, i64 skn, i64 n_k, i64 j0, i64 BN, T* bias) {
-  const i64 n = imin(BN, n_k - j0);
-  if (km == nullptr && n == BN) return false;
-  for (i64 jj = 0; jj < BN; ++jj) {
-    const bool visible = jj < n && (km == nullptr || km[(j0 + jj) * skn] == 0);
-    bias[jj] = visible ? T(0) : neg_inf<T>();
-  }
-  return true;
-}
-
-// 0 where query position p may attend key j0 + jj under an OR of packed terms [nt, 9]
-// (effattn.patterns.Term: band, modulus, group, columns), -inf elsewhere. Each term is reduced
-// to an interval of keys (band and group), then stepped through (modulus) and filtered
-// (columns), so no division runs per element except when modulus and columns meet.
-template <class T>
-void term_bias(const int32_t* terms, i64 nt, i64 p, i64 j0, i64 BN, T* bias) {
-  for (i64 jj = 0; jj < BN; ++jj) bias[jj] = neg_inf<T>();
+void apply_terms(const int32_t* terms, i64 nt, i64 j, i64 p0, i64 BM, T* s,
+                 typename VT<T>::I* keep) {
+  typedef typename VT<T>::I I;
+  typedef decltype(I{}[0]) Lane;
+  constexpr int W = VT<T>::W;
+  I iota;
+  for (int x = 0; x < W; ++x) iota[x] = static_cast<Lane>(x);
+  for (i64 c = 0; c < BM / W; ++c) keep[c] = I{};
   for (i64 t = 0; t < nt; ++t) {
     const int32_t* f = terms + 9 * t;
     const i64 lo = f[0], hi = f[1], mod = f[2], gq = f[3], gk = f[4], grel = f[5];
     const i64 smod = f[6], smin = f[7], smax = f[8];
-    i64 a = imax(j0, p - hi), z = imin(j0 + BN - 1, p - lo);
-    i64 ex_a = 1, ex_z = 0;  // excluded interval (group "!=")
+    if (smod > 0) {
+      const i64 rem = posmod(j, smod);
+      if (rem < smin || rem > smax) continue;
+    }
+    // Query rows il in [a, z] (lo <= p - j <= hi), minus [ex_a, ex_z].
+    i64 a = imax(0, j + lo - p0), z = imin(BM - 1, j + hi - p0);
+    i64 ex_a = BM, ex_z = -1;
     if (gq > 0) {
-      const i64 g0 = floordiv(p, gq) * gk, g1 = g0 + gk - 1;
+      const i64 g0 = floordiv(j, gk) * gq - p0, g1 = g0 + gq - 1;  // rows of j's group
       if (grel == kGroupEq) {
         a = imax(a, g0);
         z = imin(z, g1);
       } else if (grel == kGroupLt) {
-        z = imin(z, g0 - 1);
+        a = imax(a, g1 + 1);
       } else {
-        ex_a = g0;
-        ex_z = g1;
+        ex_a = imax(g0, -1);
+        ex_z = imin(g1, BM);
       }
     }
     if (a > z) continue;
     if (mod > 0) {
-      for (i64 j = a + posmod(p - a, mod); j <= z; j += mod) {
-        if (j >= ex_a && j <= ex_z) continue;
-        if (smod > 0) {
-          const i64 rem = posmod(j, smod);
-          if (rem < smin || rem > smax) continue;
-        }
-        bias[j - j0] = T(0);
-      }
-    } else {
-      i64 rem = smod > 0 ? posmod(a, smod) : 0;
-      for (i64 j = a; j <= z; ++j) {
-        const bool ok = !(j >= ex_a && j <= ex_z) && (smod == 0 || (rem >= smin && rem <= smax));
-        if (ok) bias[j - j0] = T(0);
-        if (smod > 0 && ++rem == smod) rem = 0;
-      }
+      Lane* lanes = reinterpret_cast<Lane*>(keep);
+      for (i64 il = a + posmod(j - p0 - a, mod); il <= z; il += mod)
+        if (il < ex_a || il > ex_z) lanes[il] = static_cast<Lane>(-1);
+      continue;
+    }
+    const I va = I{} + static_cast<Lane>(a), vz = I{} + static_cast<Lane>(z);
+    const I vea = I{} + static_cast<Lane>(ex_a), vez = I{} + static_cast<Lane>(ex_z);
+    for (i64 c = 0; c < BM / W; ++c) {
+      const I il = iota + static_cast<Lane>(c * W);
+      keep[c] |= (I)((il >= va) & (il <= vz) & ((il < vea) | (il > vez)));
     }
   }
+  const Vec<T> ninf = vset<T>(neg_inf<T>());
+  for (i64 c = 0; c < BM / W; ++c) vst(s + c * W, vsel<T>(keep[c], vld(s + c * W), ninf));
+}
+
+// Rows [j0, j0 + BN) of an [n, D] matrix (element strides sn, sd) as a row-major block: the
+// rows in place when they are contiguous in D, all exist and (need_pad) D fills whole vectors;
+// else a copy in `scratch` [BN][Dp], zero past n and D. Sets ld to the row stride.
+template <class T>
+const T* rows_block(const T* src, i64 sn, i64 sd, i64 n, i64 D, i64 Dp, i64 j0, i64 BN,
+                    bool need_pad, T* scratch, i64& ld) {
+  if (sd == 1 && j0 + BN <= n && (!need_pad || D == Dp)) {
+    ld = sn;
+    return src + j0 * sn;
+  }
+  ld = Dp;
+  const i64 cnt = imin(BN, n - j0);
+  for (i64 jj = 0; jj < BN; ++jj)
+    for (i64 d = 0; d < Dp; ++d)
+      scratch[jj * Dp + d] = jj < cnt && d < D ? src[(j0 + jj) * sn + d * sd] : T(0);
+  return scratch;
+}
+
+// dst[r][d] = src[r][d] for r < rows, zero up to BM rows and Dp columns.
+template <class T>
+void pack_rows(const T* src, i64 sn, i64 sd, i64 rows, i64 D, i64 Dp, i64 BM, T* dst) {
+  for (i64 r = 0; r < BM; ++r)
+    for (i64 d = 0; d < Dp; ++d) dst[r * Dp + d] = r < rows && d < D ? src[r * sn + d * sd] : T(0);
+}
+
+// dst[d][r] = mul * src[r][d] for r < rows (zero for rows <= r < BM): a query block transposed.
+template <class T>
+void pack_t(const T* src, i64 sn, i64 sd, i64 rows, i64 D, i64 BM, T mul, T* dst) {
+  for (i64 d = 0; d < D; ++d)
+    for (i64 r = 0; r < BM; ++r) dst[d * BM + r] = r < rows ? src[r * sn + d * sd] * mul : T(0);
 }
 
 // ------------------------------------------------------------------------------- softmax
@@ -188,6 +216,42 @@ inline void softmax_update(T* s, i64 BN, T& m, T& l, T* acc, i64 Dp) {
   }
 }
 
+// The online softmax over a transposed tile St [BN][BM] (keys x queries, base 2, hidden
+// entries -inf): per query column, running max m and sum l [BM]; St becomes the probabilities
+// and the accumulator rows acc [BM][Dp] are rescaled. tmp: 3 * BM scratch.
+template <class T>
+void softmax_update_t(T* St, i64 BN, i64 BM, T* m, T* l, T* acc, i64 Dp, T* tmp) {
+  constexpr int W = VT<T>::W;
+  T* m_safe = tmp;
+  T* alpha = tmp + BM;
+  T* sum = tmp + 2 * BM;
+  for (i64 c = 0; c < BM; c += W) vst(m_safe + c, vld(m + c));
+  for (i64 jj = 0; jj < BN; ++jj)
+    for (i64 c = 0; c < BM; c += W) vst(m_safe + c, vmax<T>(vld(m_safe + c), vld(St + jj * BM + c)));
+  const Vec<T> ninf = vset<T>(neg_inf<T>());
+  for (i64 c = 0; c < BM; c += W) {
+    const Vec<T> m_new = vld(m_safe + c);
+    // Columns still without a visible key keep m = -inf; exponents use 0 there (all give 0).
+    const Vec<T> safe = vsel<T>(m_new == ninf, Vec<T>{}, m_new);
+    vst(alpha + c, vexp2(vld(m + c) - safe));
+    vst(m + c, m_new);
+    vst(m_safe + c, safe);
+    vst(sum + c, Vec<T>{});
+  }
+  for (i64 jj = 0; jj < BN; ++jj)
+    for (i64 c = 0; c < BM; c += W) {
+      const Vec<T> p = vexp2(vld(St + jj * BM + c) - vld(m_safe + c));
+      vst(St + jj * BM + c, p);
+      vst(sum + c, vld(sum + c) + p);
+    }
+  for (i64 c = 0; c < BM; c += W) vst(l + c, vld(l + c) * vld(alpha + c) + vld(sum + c));
+  for (i64 r = 0; r < BM; ++r) {
+    if (alpha[r] == T(1)) continue;
+    const Vec<T> al = vset<T>(alpha[r]);
+    for (i64 d = 0; d < Dp; d += W) vst(acc + r * Dp + d, vld(acc + r * Dp + d) * al);
+  }
+}
+
 // out[r] = acc[r] / l[r], lse[r] = (m[r] + log2(l[r])) ln 2; zero and -inf for empty rows.
 template <class T>
 void finalize_rows(i64 rows, i64 D, i64 Dp, const T* acc, const T* m, const T* l, T* out,
@@ -201,12 +265,16 @@ void finalize_rows(i64 rows, i64 D, i64 Dp, const T* acc, const T* m, const T* l
 }
 
 // ------------------------------------------------------------------------------- sparse
+// Tiles are transposed: St = K_blk . Qt_blk is [BN keys][BM queries], so K and V are read in
+// place (their rows are the GEMM's scalar operand), a query block is packed once per task, the
+// softmax runs down columns as vector operations, and a pattern's mask is an interval per key.
 struct LayoutRow {
   i64 num_full, num;
   const int32_t* full;
   const int32_t* part;
   const int32_t* tile;  // null unless the layout stores tiles
   i64 block(i64 t) const { return t < num_full ? full[t] : part[t - num_full]; }
+  i64 tile_of(i64 t) const { return tile ? tile[t - num_full] : 0; }
 };
 
 inline LayoutRow kv_row(const SparseArgs& a, i64 c, i64 qb) {
@@ -229,95 +297,94 @@ inline LayoutRow q_row(const SparseArgs& a, i64 c, i64 kb) {
           a.q_part_tile ? a.q_part_tile + at * a.q_part_w : nullptr};
 }
 
-// Pattern bias of row il (absolute position p) of a partial block starting at key j0.
+// Hides the scores St_row [BM] of key row jj of a partial block that the pattern forbids.
 template <class T>
-void partial_bias(const SparseArgs& a, i64 c, i64 tile, i64 il, i64 p, i64 j0, T* bias) {
+void mask_partial_row(const SparseArgs& a, i64 c, i64 tile, i64 qb, i64 kb, i64 jj, T* s,
+                      typename VT<T>::I* keep) {
   if (a.tiles != nullptr) {
-    const uint8_t* row = a.tiles + (tile * a.BM + il) * a.BN;
-    for (i64 jj = 0; jj < a.BN; ++jj) bias[jj] = row[jj] ? T(0) : neg_inf<T>();
+    const uint8_t* t = a.tiles + tile * a.BM * a.BN + jj;
+    for (i64 il = 0; il < a.BM; ++il)
+      if (!t[il * a.BN]) s[il] = neg_inf<T>();
   } else {
-    term_bias<T>(a.terms + c * a.num_terms * 9, a.num_terms, p, j0, a.BN, bias);
+    apply_terms<T>(a.terms + c * a.num_terms * 9, a.num_terms, kb * a.BN + jj,
+                   a.q_offset + qb * a.BM, a.BM, s, keep);
   }
 }
 
-// s = s * c2 (+ column bias) (+ row bias), in place over BN scores.
-template <class T>
-inline void scale_bias(T* s, i64 BN, T c2, const T* colb, const T* rowb) {
-  constexpr int W = VT<T>::W;
-  for (i64 j = 0; j < BN; j += W) {
-    Vec<T> x = vld(s + j) * c2;
-    if (colb) x += vld(colb + j);
-    if (rowb) x += vld(rowb + j);
-    vst(s + j, x);
-  }
+// Whether key j0 + jj is hidden for head (b, h): past n_k or masked.
+inline bool key_hidden(const SparseArgs& a, const uint8_t* km, i64 j) {
+  return j >= a.n_k || (km != nullptr && km[j * a.skm[2]] != 0);
 }
 
-template <class T>
-const uint8_t* key_mask_of(const SparseArgs& a, i64 b, i64 h) {
+inline const uint8_t* key_mask_of(const SparseArgs& a, i64 b, i64 h) {
   return a.key_mask ? a.key_mask + b * a.skm[0] + h * a.skm[1] : nullptr;
+}
+
+// Hides the keys of a transposed tile St [BN][BM] that are past n_k, masked, or (partial
+// blocks) forbidden by the pattern. keep: BM elements of scratch.
+template <class T>
+void mask_tile(const SparseArgs& a, const uint8_t* km, const LayoutRow& lr, i64 t, i64 c,
+               i64 qb, i64 kb, T* St, T* keep) {
+  constexpr int W = VT<T>::W;
+  const i64 BM = a.BM;
+  const bool partial = t >= lr.num_full;
+  for (i64 jj = 0; jj < a.BN; ++jj) {
+    T* s = St + jj * BM;
+    if (key_hidden(a, km, kb * a.BN + jj)) {
+      for (i64 x = 0; x < BM; x += W) vst(s + x, vset<T>(neg_inf<T>()));
+    } else if (partial) {
+      mask_partial_row<T>(a, c, lr.tile_of(t), qb, kb, jj, s,
+                          reinterpret_cast<typename VT<T>::I*>(keep));
+    }
+  }
 }
 
 template <class T>
 void sparse_forward_impl(const SparseArgs& a) {
-  const i64 BM = a.BM, BN = a.BN, D = a.D, Dp = round_up(D, kPad);
-  const i64 NKP = a.nkb * BN, pairs = a.B * a.Hkv, group = a.H / a.Hkv;
+  const i64 BM = a.BM, BN = a.BN, D = a.D, Dp = round_up(D, kPad), group = a.H / a.Hkv;
   const T c2 = static_cast<T>(a.scale * kLog2e);
-  Buf<T> kt(pairs * NKP * D), vp(pairs * NKP * Dp);
-  auto pack = [&](i64 task, int) {
-    const i64 kb = task % a.nkb, bk = task / a.nkb, b = bk / a.Hkv, hk = bk % a.Hkv;
-    const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
-    const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
-    pack_block(k, a.sk[2], a.sk[3], a.n_k, D, Dp, BN, kb, true, kt.get() + bk * NKP * D);
-    pack_block(v, a.sv[2], a.sv[3], a.n_k, D, Dp, BN, kb, false, vp.get() + bk * NKP * Dp);
-  };
-  run_parallel(pairs * a.nkb, a.threads, pack);
-
-  // Per thread: Q block, scores, accumulator, m, l, column and row biases.
-  const i64 per_thread = 2 * BM * Dp + BM * BN + 2 * BM + 2 * BN;
+  // Per thread: Q block (transposed), scores, accumulator, K and V copies, m, l, softmax
+  // scratch, mask lanes.
+  const i64 per_thread = D * BM + BN * BM + BM * Dp + 2 * BN * Dp + 6 * BM;
   Buf<T> scratch(per_thread * a.threads);
   auto body = [&](i64 task, int thread) {
     // Late query blocks first: under causal patterns they carry the most work.
     const i64 qb = a.nqb - 1 - task % a.nqb, bh = task / a.nqb, b = bh / a.H, h = bh % a.H;
-    const i64 c = h % a.P, bk = b * a.Hkv + h / group;
+    const i64 c = h % a.P, hk = h / group;
     const i64 i0 = qb * BM, rows = imin(BM, a.n_q - i0);
-    T* qs = scratch.get() + thread * per_thread;
-    T* S = qs + BM * Dp;
-    T* acc = S + BM * BN;
-    T* m = acc + BM * Dp;
+    T* qt = scratch.get() + thread * per_thread;
+    T* St = qt + D * BM;
+    T* acc = St + BN * BM;
+    T* kbuf = acc + BM * Dp;
+    T* vbuf = kbuf + BN * Dp;
+    T* m = vbuf + BN * Dp;
     T* l = m + BM;
-    T* colb = l + BM;
-    T* rowb = colb + BN;
-    T* out = static_cast<T*>(a.out) + (bh * a.n_q + i0) * D;
-    T* lse = static_cast<T*>(a.lse) + bh * a.n_q + i0;
+    T* tmp = l + BM;
+    T* keep = tmp + 3 * BM;
+    const T* q = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1] + i0 * a.sq[2];
+    const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
+    const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
+    const uint8_t* km = key_mask_of(a, b, h);
     const LayoutRow lr = kv_row(a, c, qb);
 
-    const T* q = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1] + i0 * a.sq[2];
-    for (i64 r = 0; r < BM; ++r)
-      for (i64 d = 0; d < D; ++d) qs[r * Dp + d] = r < rows ? q[r * a.sq[2] + d * a.sq[3]] : T(0);
+    pack_t(q, a.sq[2], a.sq[3], rows, D, BM, c2, qt);
     for (i64 x = 0; x < BM * Dp; ++x) acc[x] = T(0);
     for (i64 r = 0; r < BM; ++r) {
       m[r] = neg_inf<T>();
       l[r] = T(0);
     }
-    const uint8_t* km = key_mask_of<T>(a, b, h);
-    const T* kt_bh = kt.get() + bk * NKP * D;
-    const T* vp_bh = vp.get() + bk * NKP * Dp;
     for (i64 t = 0; t < lr.num; ++t) {
       const i64 kb = lr.block(t), j0 = kb * BN;
-      const bool partial = t >= lr.num_full;
-      gemm_abt<T>(BM, BN, D, qs, Dp, kt_bh + kb * D * BN, BN, S, BN);
-      const T* cb = column_bias<T>(km, a.skm[2], a.n_k, j0, BN, colb) ? colb : nullptr;
-      for (i64 r = 0; r < rows; ++r) {
-        if (partial)
-          partial_bias<T>(a, c, lr.tile ? lr.tile[t - lr.num_full] : 0, r, a.q_offset + i0 + r,
-                          j0, rowb);
-        scale_bias<T>(S + r * BN, BN, c2, cb, partial ? rowb : nullptr);
-        softmax_update<T>(S + r * BN, BN, m[r], l[r], acc + r * Dp, Dp);
-      }
-      for (i64 x = rows * BN; x < BM * BN; ++x) S[x] = T(0);
-      gemm_ab<T>(BM, Dp, BN, S, BN, 1, vp_bh + j0 * Dp, Dp, acc, Dp);
+      i64 ldk, ldv;
+      const T* kr = rows_block(k, a.sk[2], a.sk[3], a.n_k, D, Dp, j0, BN, false, kbuf, ldk);
+      gemm_abt<T>(BN, BM, D, kr, ldk, qt, BM, St, BM);
+      mask_tile<T>(a, km, lr, t, c, qb, kb, St, keep);
+      softmax_update_t<T>(St, BN, BM, m, l, acc, Dp, tmp);
+      const T* vr = rows_block(v, a.sv[2], a.sv[3], a.n_k, D, Dp, j0, BN, true, vbuf, ldv);
+      gemm_ab<T>(BM, Dp, BN, St, 1, BM, vr, ldv, acc, Dp);
     }
-    finalize_rows<T>(rows, D, Dp, acc, m, l, out, lse);
+    finalize_rows<T>(rows, D, Dp, acc, m, l, static_cast<T*>(a.out) + (bh * a.n_q + i0) * D,
+                     static_cast<T*>(a.lse) + bh * a.n_q + i0);
   };
   run_parallel(a.B * a.H * a.nqb, a.threads, body);
 }
@@ -325,33 +392,26 @@ void sparse_forward_impl(const SparseArgs& a) {
 template <class T>
 void sparse_backward_impl(const SparseArgs& a) {
   const i64 BM = a.BM, BN = a.BN, D = a.D, Dp = round_up(D, kPad);
-  const i64 NKP = a.nkb * BN, NQP = a.nqb * BM, pairs = a.B * a.Hkv, group = a.H / a.Hkv;
-  const i64 BH = a.B * a.H;
+  const i64 NQP = a.nqb * BM, pairs = a.B * a.Hkv, group = a.H / a.Hkv, BH = a.B * a.H;
   const T c2 = static_cast<T>(a.scale * kLog2e), scale = static_cast<T>(a.scale);
 
-  // Packed operands: Kt and Vt blocks [D][BN] (scores, dP), K rows [Dp] (dQ); Q and dO rows
-  // [Dp]; lse in base 2 (+inf for rows without gradient, so their probabilities are 0).
-  Buf<T> kt(pairs * NKP * D), vt(pairs * NKP * D), kp(pairs * NKP * Dp);
-  Buf<T> qp(BH * NQP * Dp), dop(BH * NQP * Dp), lse2(BH * NQP), dlt(BH * NQP);
-  auto pack_k = [&](i64 task, int) {
-    const i64 kb = task % a.nkb, bk = task / a.nkb, b = bk / a.Hkv, hk = bk % a.Hkv;
-    const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
-    const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
-    pack_block(k, a.sk[2], a.sk[3], a.n_k, D, Dp, BN, kb, true, kt.get() + bk * NKP * D);
-    pack_block(v, a.sv[2], a.sv[3], a.n_k, D, Dp, BN, kb, true, vt.get() + bk * NKP * D);
-    pack_block(k, a.sk[2], a.sk[3], a.n_k, D, Dp, BN, kb, false, kp.get() + bk * NKP * Dp);
-  };
-  run_parallel(pairs * a.nkb, a.threads, pack_k);
+  // Query side, packed once: Q (times scale * log2 e) and dO transposed per block [D][BM] for
+  // the score tiles, Q and dO rows [Dp] for dK and dV, lse in base 2 (+inf for rows without
+  // gradient, whose probabilities are then 0) and delta.
+  Buf<T> qt(BH * NQP * D), dot(BH * NQP * D), qp(BH * NQP * Dp), dop(BH * NQP * Dp);
+  Buf<T> lse2(BH * NQP), dlt(BH * NQP);
   auto pack_q = [&](i64 task, int) {
     const i64 qb = task % a.nqb, bh = task / a.nqb, b = bh / a.H, h = bh % a.H;
-    const T* q = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1];
-    const T* dout = static_cast<const T*>(a.dout) + b * a.sdo[0] + h * a.sdo[1];
-    pack_block(q, a.sq[2], a.sq[3], a.n_q, D, Dp, BM, qb, false, qp.get() + bh * NQP * Dp);
-    pack_block(dout, a.sdo[2], a.sdo[3], a.n_q, D, Dp, BM, qb, false,
-               dop.get() + bh * NQP * Dp);
+    const i64 i0 = qb * BM, rows = imin(BM, a.n_q - i0), at = bh * NQP + i0;
+    const T* q = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1] + i0 * a.sq[2];
+    const T* dout = static_cast<const T*>(a.dout) + b * a.sdo[0] + h * a.sdo[1] + i0 * a.sdo[2];
+    pack_t(q, a.sq[2], a.sq[3], rows, D, BM, c2, qt.get() + at * D);
+    pack_t(dout, a.sdo[2], a.sdo[3], rows, D, BM, T(1), dot.get() + at * D);
+    pack_rows(q, a.sq[2], a.sq[3], rows, D, Dp, BM, qp.get() + at * Dp);
+    pack_rows(dout, a.sdo[2], a.sdo[3], rows, D, Dp, BM, dop.get() + at * Dp);
     const T* lse = static_cast<const T*>(a.lse_in) + bh * a.n_q;
     const T* delta = static_cast<const T*>(a.delta) + bh * a.n_q;
-    for (i64 i = qb * BM; i < (qb + 1) * BM; ++i) {
+    for (i64 i = i0; i < i0 + BM; ++i) {
       const bool ok = i < a.n_q && lse[i] > neg_inf<T>() && lse[i] < pos_inf<T>();
       lse2.get()[bh * NQP + i] = ok ? lse[i] * T(kLog2e) : pos_inf<T>();
       dlt.get()[bh * NQP + i] = ok ? delta[i] : T(0);
@@ -369,56 +429,49 @@ void sparse_backward_impl(const SparseArgs& a) {
   }
   Buf<T> dqbuf(S * BH * NQP * Dp);
 
-  // Per thread: scores / probabilities, dP / dS, dK and dV accumulators, column and row biases.
-  const i64 per_thread = 2 * BM * BN + 2 * BN * Dp + 2 * BN;
+  // Per thread: probabilities, dP / dS (transposed tiles), dK and dV accumulators, K and V
+  // copies, mask lanes.
+  const i64 per_thread = 2 * BN * BM + 4 * BN * Dp + BM;
   Buf<T> scratch(per_thread * a.threads);
   auto body = [&](i64 task, int thread) {
     const int seg = static_cast<int>(task % S);
     const i64 bk = task / S, b = bk / a.Hkv, hk = bk % a.Hkv;
-    T* P = scratch.get() + thread * per_thread;
-    T* dS = P + BM * BN;
-    T* dk_acc = dS + BM * BN;
+    T* Pt = scratch.get() + thread * per_thread;
+    T* dSt = Pt + BN * BM;
+    T* dk_acc = dSt + BN * BM;
     T* dv_acc = dk_acc + BN * Dp;
-    T* colb = dv_acc + BN * Dp;
-    T* rowb = colb + BN;
-    const T* kt_b = kt.get() + bk * NKP * D;
-    const T* vt_b = vt.get() + bk * NKP * D;
-    const T* kp_b = kp.get() + bk * NKP * Dp;
+    T* kbuf = dv_acc + BN * Dp;
+    T* vbuf = kbuf + BN * Dp;
+    T* keep = vbuf + BN * Dp;
+    const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
+    const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
     for (i64 kb = bounds[seg]; kb < bounds[seg + 1]; ++kb) {
       const i64 j0 = kb * BN;
+      i64 ldk, ldv;
+      const T* kr = rows_block(k, a.sk[2], a.sk[3], a.n_k, D, Dp, j0, BN, true, kbuf, ldk);
+      const T* vr = rows_block(v, a.sv[2], a.sv[3], a.n_k, D, Dp, j0, BN, false, vbuf, ldv);
       for (i64 x = 0; x < 2 * BN * Dp; ++x) dk_acc[x] = T(0);
       for (i64 g = 0; g < group; ++g) {
         const i64 h = hk * group + g, bh = b * a.H + h, c = h % a.P;
-        const T* cb = column_bias<T>(key_mask_of<T>(a, b, h), a.skm[2], a.n_k, j0, BN, colb)
-                          ? colb
-                          : nullptr;
+        const uint8_t* km = key_mask_of(a, b, h);
         const LayoutRow lr = q_row(a, c, kb);
         T* dq_bh = dqbuf.get() + (seg * BH + bh) * NQP * Dp;
         for (i64 t = 0; t < lr.num; ++t) {
-          const i64 qb = lr.block(t), i0 = qb * BM, rows = imin(BM, a.n_q - i0);
-          const bool partial = t >= lr.num_full;
-          const T* qb_p = qp.get() + (bh * NQP + i0) * Dp;
-          const T* do_p = dop.get() + (bh * NQP + i0) * Dp;
-          const T* l2 = lse2.get() + bh * NQP + i0;
-          const T* dl = dlt.get() + bh * NQP + i0;
-          gemm_abt<T>(BM, BN, D, qb_p, Dp, kt_b + kb * D * BN, BN, P, BN);
-          gemm_abt<T>(BM, BN, D, do_p, Dp, vt_b + kb * D * BN, BN, dS, BN);
-          for (i64 r = 0; r < BM; ++r) {
-            T* pr = P + r * BN;
-            if (partial && r < rows)
-              partial_bias<T>(a, c, lr.tile ? lr.tile[t - lr.num_full] : 0, r,
-                              a.q_offset + i0 + r, j0, rowb);
-            scale_bias<T>(pr, BN, c2, cb, partial && r < rows ? rowb : nullptr);
-            const Vec<T> lv = vset<T>(l2[r]), dv = vset<T>(dl[r]);
-            for (i64 j = 0; j < BN; j += VT<T>::W) {
-              const Vec<T> p = vexp2(vld(pr + j) - lv);
-              vst(pr + j, p);
-              vst(dS + r * BN + j, p * (vld(dS + r * BN + j) - dv));
+          const i64 qb = lr.block(t), at = bh * NQP + qb * BM;
+          gemm_abt<T>(BN, BM, D, kr, ldk, qt.get() + at * D, BM, Pt, BM);
+          gemm_abt<T>(BN, BM, D, vr, ldv, dot.get() + at * D, BM, dSt, BM);
+          mask_tile<T>(a, km, lr, t, c, qb, kb, Pt, keep);
+          const T* l2 = lse2.get() + at;
+          const T* dl = dlt.get() + at;
+          for (i64 jj = 0; jj < BN; ++jj)
+            for (i64 x = 0; x < BM; x += VT<T>::W) {
+              const Vec<T> p = vexp2(vld(Pt + jj * BM + x) - vld(l2 + x));
+              vst(Pt + jj * BM + x, p);
+              vst(dSt + jj * BM + x, p * (vld(dSt + jj * BM + x) - vld(dl + x)));
             }
-          }
-          gemm_ab<T>(BN, Dp, BM, P, 1, BN, do_p, Dp, dv_acc, Dp);
-          gemm_ab<T>(BN, Dp, BM, dS, 1, BN, qb_p, Dp, dk_acc, Dp);
-          gemm_ab<T>(BM, Dp, BN, dS, BN, 1, kp_b + j0 * Dp, Dp, dq_bh + i0 * Dp, Dp);
+          gemm_ab<T>(BN, Dp, BM, Pt, BM, 1, dop.get() + at * Dp, Dp, dv_acc, Dp);
+          gemm_ab<T>(BN, Dp, BM, dSt, BM, 1, qp.get() + at * Dp, Dp, dk_acc, Dp);
+          gemm_ab<T>(BM, Dp, BN, dSt, 1, BM, kr, ldk, dq_bh + qb * BM * Dp, Dp);
         }
       }
       const i64 cnt = imin(BN, a.n_k - j0);

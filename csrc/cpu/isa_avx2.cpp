@@ -1,20 +1,20 @@
-// The attention kernels compiled for AVX2 with FMA: two registers per 64-byte vector,
-// 16 registers, hence smaller tiles.
+// The attention kernels compiled for AVX2 with FMA: 32-byte vectors, 16 registers.
 // Only called after a runtime check of the CPU (dispatch.cpp).
 #include "cpu/kernels.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
-// 64-byte vectors only travel between always-inlined helpers (simd.h): no ABI is involved.
+// Vectors only travel between always-inlined helpers (simd.h): no ABI is involved.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define EFFATTN_ISA avx2
 #define EFFATTN_ISA_NAME "avx2"
+#define EFFATTN_VEC_BYTES 32
 #define EFFATTN_TILE_RS 4
-#define EFFATTN_TILE_NVS 1
+#define EFFATTN_TILE_NVS 2
 #define EFFATTN_TILE_RO 4
-#define EFFATTN_TILE_NVO 1
+#define EFFATTN_TILE_NVO 2
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,bmi,bmi2,f16c"))), apply_to = function)
 #else

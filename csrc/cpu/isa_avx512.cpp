@@ -1,16 +1,17 @@
-// The attention kernels compiled for AVX-512 (F, VL, BW, DQ) with FMA: one register per
-// 64-byte vector, 32 registers for the accumulator tiles.
+// The attention kernels compiled for AVX-512 (F, VL, BW, DQ) with FMA: 64-byte vectors, 32
+// registers for the accumulator tiles.
 // Only called after a runtime check of the CPU (dispatch.cpp).
 #include "cpu/kernels.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
-// 64-byte vectors only travel between always-inlined helpers (simd.h): no ABI is involved.
+// Vectors only travel between always-inlined helpers (simd.h): no ABI is involved.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define EFFATTN_ISA avx512
 #define EFFATTN_ISA_NAME "avx512"
+#define EFFATTN_VEC_BYTES 64
 #define EFFATTN_TILE_RS 8
 #define EFFATTN_TILE_NVS 2
 #define EFFATTN_TILE_RO 4

@@ -1,17 +1,17 @@
 // Vector helpers and GEMM micro-kernels of the CPU attention kernels.
 //
-// Written with GCC/Clang vector extensions on 64-byte vectors: the same source becomes AVX-512
-// (one register per vector), AVX2 (two) or baseline SSE2 (four) depending on the target of the
-// translation unit that includes it (isa_*.cpp). The tile shapes (EFFATTN_TILE_*) are chosen per
-// target so that the accumulators fit the register file.
+// Written with GCC/Clang vector extensions: the same source becomes AVX-512, AVX2 or baseline
+// SSE2 / NEON code depending on the target of the translation unit that includes it
+// (isa_*.cpp), which sets the vector width (EFFATTN_VEC_BYTES) and the tile shapes
+// (EFFATTN_TILE_*) so that the accumulators fit its register file.
 //
 // Include only from attention_impl.h, inside its anonymous namespace: everything here must have
 // internal linkage (see kernels.h).
 
 typedef int64_t i64;
 
-// Vector helpers are always inlined: no function ever passes a 64-byte vector by value, whose
-// calling convention differs between targets.
+// Vector helpers are always inlined: no function ever passes a vector by value, whose calling
+// convention differs between targets.
 #define EFFATTN_VINLINE inline __attribute__((always_inline))
 
 constexpr int kRowsAbt = EFFATTN_TILE_RS;   // rows of a C = A * B^T tile
@@ -19,19 +19,22 @@ constexpr int kVecsAbt = EFFATTN_TILE_NVS;  // vectors per row of a C = A * B^T 
 constexpr int kRowsAb = EFFATTN_TILE_RO;    // rows of a C += A * B tile
 constexpr int kVecsAb = EFFATTN_TILE_NVO;   // vectors per row of a C += A * B tile
 
+// Native vector width of the target: 64 bytes (AVX-512), 32 (AVX2) or 16 (baseline).
+constexpr int kVecBytes = EFFATTN_VEC_BYTES;
+
 template <class T>
 struct VT;
 template <>
 struct VT<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-  static constexpr int W = 16;
+  typedef float V __attribute__((vector_size(kVecBytes)));
+  typedef int32_t I __attribute__((vector_size(kVecBytes)));
+  static constexpr int W = kVecBytes / 4;
 };
 template <>
 struct VT<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t I __attribute__((vector_size(64)));
-  static constexpr int W = 8;
+  typedef double V __attribute__((vector_size(kVecBytes)));
+  typedef int64_t I __attribute__((vector_size(kVecBytes)));
+  static constexpr int W = kVecBytes / 8;
 };
 
 template <class T>

@@ -180,8 +180,9 @@ def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None):
     check(q, k, v)
     b, h, n_q, d = q.shape
     acc = _acc(q.dtype)
-    out = torch.zeros(b, h, n_q, d, dtype=acc)
-    lse = torch.full((b, h, n_q), float("-inf"), dtype=acc)
+    # The kernel writes every element (zeros and -inf for rows without visible keys).
+    out = torch.empty(b, h, n_q, d, dtype=acc)
+    lse = torch.empty(b, h, n_q, dtype=acc)
     if out.numel() == 0:
         return out.to(q.dtype), lse
     qc, kc, vc = q.to(acc), k.to(acc), v.to(acc)
@@ -216,9 +217,10 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
             raise ValueError(f"{name} must be a tensor of shape {tuple(q.shape[:3])}")
     b, h, n_q, d = q.shape
     acc = _acc(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc)
-    dk = torch.zeros(k.shape, dtype=acc)
-    dv = torch.zeros(v.shape, dtype=acc)
+    # The kernel writes every element.
+    dq = torch.empty(q.shape, dtype=acc)
+    dk = torch.empty(k.shape, dtype=acc)
+    dv = torch.empty(v.shape, dtype=acc)
     if dq.numel() and dk.numel():
         qc, kc, vc, doc = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
         lse_c = lse.to(device="cpu", dtype=acc).contiguous()
@@ -291,8 +293,8 @@ def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None = None):
     _check_xl(q, k, v, r, u, vb, window)
     b, h, n_q, d = q.shape
     acc = _acc(q.dtype)
-    out = torch.zeros(b, h, n_q, d, dtype=acc)
-    lse = torch.full((b, h, n_q), float("-inf"), dtype=acc)
+    out = torch.empty(b, h, n_q, d, dtype=acc)
+    lse = torch.empty(b, h, n_q, dtype=acc)
     if out.numel() == 0:
         return out.to(q.dtype), lse
     ts = [t.detach().to(acc) for t in (q, k, v, r, u, vb)]
