@@ -417,6 +417,15 @@ def _resolve_xl_backend(backend: str, device: torch.device) -> str:
     return name
 
 
+def _xl_kernels(backend: str, q: torch.Tensor):
+    """The backend module serving q. Runs inside the custom ops, so that torch.compile never
+    traces the imports that resolving and loading a backend involves."""
+    kern = _module(_XL_MODULES, _resolve_xl_backend(backend, q.device))
+    if hasattr(kern, "xl_check"):
+        kern.xl_check(q)
+    return kern
+
+
 def _xl_delta(out, dout, dlse):
     acc = _acc(out)
     delta = (dout.to(acc) * out.to(acc)).sum(-1)
@@ -435,7 +444,7 @@ def _xl_op(
     window: int | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kern = _module(_XL_MODULES, backend)
+    kern = _xl_kernels(backend, q)
     return kern.xl_forward(q, k, v, r, u, vb, scale=scale, window=window)
 
 
@@ -460,7 +469,7 @@ def _xl_backward_op(
     window: int | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    kern = _module(_XL_MODULES, backend)
+    kern = _xl_kernels(backend, q)
     delta = _xl_delta(out, dout, dlse)
     grads = kern.xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, scale=scale, window=window)
     return tuple(g.contiguous() for g in grads)
@@ -530,16 +539,14 @@ def xl_attention(
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend not in _NAMES:
+        raise ValueError(f"backend must be one of {_NAMES}, got {backend!r}")
     _check_inputs(q, k, v, backend)
     _check_xl(q, k, v, r, u, vb, window)
-    name = _resolve_xl_backend(backend, q.device)
     scale = _check_scale(scale, q.shape[-1])
-    if name == "reference":
+    if backend == "reference":
         return reference.xl_attention(
             q, k, v, r, u, vb, scale=scale, window=window, return_lse=return_lse
         )
-    kern = _module(_XL_MODULES, name)
-    if hasattr(kern, "xl_check"):
-        kern.xl_check(q)
-    out, lse = _xl_op(q, k, v, r, u, vb, scale, window, name)
+    out, lse = _xl_op(q, k, v, r, u, vb, scale, window, backend)
     return (out, lse) if return_lse else out

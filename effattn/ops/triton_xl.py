@@ -46,15 +46,22 @@ from effattn._aot import KernelConfig
 
 __all__ = ["block_config", "xl_check", "compile_configs", "xl_backward", "xl_forward"]
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+# Sizes compile once for all values; only D is specialized (D % 16 == 0 lets rows load as
+# 16-byte vectors), so the variants run are exactly those compile_configs() lists.
+_NO_SPECIALIZE = ["L", "N", "R_LEN", "WINDOW", "H", "GROUP"]
 
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
 def _mm(a, b, ACC: tl.constexpr):
-    # No TF32: fp32 inputs get fp32 products, as the reference computes them.
-    return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
+    # fp32 inputs: 3xTF32 keeps fp32 accuracy on tensor cores (plain "ieee" falls back to
+    # FMA and its register use spills); fp16/bf16 (and fp64, interpreted) multiply exactly.
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="tf32x3", out_dtype=ACC)
+    else:
+        return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
 
 
 @triton.jit
@@ -66,22 +73,33 @@ def _load_rows(X, offs, n, offs_d, d_ok, D):
 
 
 @triton.jit
-def _band_rows(dmin, R_LEN, BLOCK: tl.constexpr):
-    """r rows of distances dmin .. dmin + 2B - 1, clamped to [0, R - 1] (clamp_len)."""
-    return tl.minimum(tl.maximum(dmin + tl.arange(0, 2 * BLOCK), 0), R_LEN - 1)
+def _r_rows(R, dmin, R_LEN, offs_d, d_ok, D, BLOCK: tl.constexpr):
+    """r rows of distances dmin .. dmin + B - 1, clamped to [0, R - 1] (clamp_len)."""
+    rows = tl.minimum(tl.maximum(dmin + tl.arange(0, BLOCK), 0), R_LEN - 1)
+    return tl.load(R + rows[:, None] * D + offs_d[None, :], mask=d_ok[None, :], other=0.0)
 
 
 @triton.jit
-def _skew(BLOCK: tl.constexpr):
-    """idx[a, c] = a - c + B - 1: band column of query a of the tile and key c."""
-    return tl.arange(0, BLOCK)[:, None] - tl.arange(0, BLOCK)[None, :] + BLOCK - 1
+def _skewed(lo, hi, BLOCK: tl.constexpr):
+    """The tile's position scores from the two halves of its band product.
+
+    lo[a, t] = (q_a + vb) . r[dmin + t] and hi[a, t] = (q_a + vb) . r[dmin + B + t]; query a
+    and key c are at distance dmin + a - c + B - 1, so c >= a reads lo, c < a reads hi.
+    """
+    idx = tl.arange(0, BLOCK)[:, None] - tl.arange(0, BLOCK)[None, :] + BLOCK - 1
+    from_lo = tl.gather(lo, tl.minimum(idx, BLOCK - 1), axis=1)
+    from_hi = tl.gather(hi, tl.maximum(idx - BLOCK, 0), axis=1)
+    return tl.where(idx < BLOCK, from_lo, from_hi)
 
 
 @triton.jit
-def _scores(qu, qv, k, rb, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """Unscaled S of one tile: (q + u) . k_j plus the band (q + vb) . r_rows read skewed."""
-    band = _mm(qv, tl.trans(rb), ACC)
-    return _mm(qu, tl.trans(k), ACC) + tl.gather(band, _skew(BLOCK), axis=1)
+def _unskewed(ds, BLOCK: tl.constexpr):
+    """The inverse reading: dS of the tile as its lo and hi band halves (0 off the band)."""
+    a = tl.arange(0, BLOCK)[:, None]
+    t = tl.arange(0, BLOCK)[None, :]
+    lo = tl.where(t >= a, tl.gather(ds, tl.minimum(a - t + BLOCK - 1, BLOCK - 1), axis=1), 0.0)
+    hi = tl.where(t < a, tl.gather(ds, tl.maximum(a - t - 1, 0), axis=1), 0.0)
+    return lo, hi
 
 
 @triton.jit
@@ -118,15 +136,7 @@ def _probs_and_ds(s, ok, lse2, delta, do, v, qk_scale, ACC: tl.constexpr):
     return p, p * (_mm(do, tl.trans(v), ACC) - delta[:, None])
 
 
-@triton.jit
-def _to_band(ds, BLOCK: tl.constexpr):
-    """dS [B, B] in band order [B, 2B]: band[a, t] = ds[a, a - t + B - 1] (0 off the band)."""
-    idx = tl.arange(0, BLOCK)[:, None] - tl.arange(0, 2 * BLOCK)[None, :] + BLOCK - 1
-    on = (idx >= 0) & (idx < BLOCK)
-    return tl.where(on, tl.gather(ds, tl.minimum(tl.maximum(idx, 0), BLOCK - 1), axis=1), 0.0)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _xl_fwd_kernel(
     Q, K, V, R, U, VB, Scale, Out, Lse,
     L, N, R_LEN, WINDOW, H, GROUP, D,
@@ -153,13 +163,15 @@ def _xl_fwd_kernel(
     acc = tl.zeros([BLOCK, BLOCK_D], ACC)
     lo = (tl.maximum(mem + i0 - WINDOW + 1, 0) // BLOCK) * BLOCK
     hi = tl.minimum(mem + i0 + BLOCK, N)
+    # The next key block's distances are B lower: its band's hi half is this block's lo half,
+    # so each step multiplies one new [B, D] block of r (the band's first hi half comes first).
+    band_hi = _mm(qv, tl.trans(_r_rows(R, mem + i0 - lo + 1, R_LEN, offs_d, d_ok, D, BLOCK)), ACC)
     for start in range(lo, hi, BLOCK):
         offs_k = start + tl.arange(0, BLOCK)
+        r_lo = _r_rows(R, mem + i0 - start - BLOCK + 1, R_LEN, offs_d, d_ok, D, BLOCK)
+        band_lo = _mm(qv, tl.trans(r_lo), ACC)
         k = _load_rows(K, offs_k, N, offs_d, d_ok, D)
-        rb = _load_rows(
-            R, _band_rows(mem + i0 - start - BLOCK + 1, R_LEN, BLOCK), R_LEN, offs_d, d_ok, D
-        )
-        s = _scores(qu, qv, k, rb, BLOCK, ACC)
+        s = _mm(qu, tl.trans(k), ACC) + _skewed(band_lo, band_hi, BLOCK)
         s = tl.where(_allowed(offs_m, offs_k, mem, N, WINDOW), s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -169,6 +181,7 @@ def _xl_fwd_kernel(
         v = _load_rows(V, offs_k, N, offs_d, d_ok, D)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, ACC)
         m_i = m_new
+        band_hi = band_lo
 
     nonempty = l_i > 0
     l_safe = tl.where(nonempty, l_i, 1.0)
@@ -182,7 +195,7 @@ def _xl_fwd_kernel(
     tl.store(Lse + bh * L + offs_m, lse.to(Lse.dtype.element_ty), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _xl_bwd_dkdv_kernel(
     Q, K, V, R, U, VB, Scale, DO, Lse, Delta, DK, DV,
     L, N, R_LEN, WINDOW, H, GROUP, D,
@@ -210,25 +223,30 @@ def _xl_bwd_dkdv_kernel(
     for g in range(0, GROUP):
         h = (bkv % h_kv) * GROUP + g
         bh = b * H + h
+        Rh = R + h * R_LEN * D
+        # The next query block's distances are B higher: its lo half of r is this hi half.
+        r_lo = _r_rows(Rh, mem + lo - j0 - BLOCK + 1, R_LEN, offs_d, d_ok, D, BLOCK)
         for i0 in range(lo, hi, BLOCK):
             offs_m = i0 + tl.arange(0, BLOCK)
             qu, qv = _query_tile(Q + bh * L * D, U, VB, h, offs_m, offs_d, d_ok, L, D, ACC)
-            rows = _band_rows(mem + i0 - j0 - BLOCK + 1, R_LEN, BLOCK)
-            rb = _load_rows(R + h * R_LEN * D, rows, R_LEN, offs_d, d_ok, D)
+            r_hi = _r_rows(Rh, mem + i0 - j0 + 1, R_LEN, offs_d, d_ok, D, BLOCK)
+            s = _mm(qu, tl.trans(k), ACC) + _skewed(
+                _mm(qv, tl.trans(r_lo), ACC), _mm(qv, tl.trans(r_hi), ACC), BLOCK
+            )
             do = _load_rows(DO + bh * L * D, offs_m, L, offs_d, d_ok, D)
             lse2, delta = _row_stats(Lse + bh * L, Delta + bh * L, offs_m, L)
-            s = _scores(qu, qv, k, rb, BLOCK, ACC)
             ok = _allowed(offs_m, offs_k, mem, N, WINDOW)
             p, ds = _probs_and_ds(s, ok, lse2, delta, do, v, scale * _LOG2E, ACC)
             dv += _mm(tl.trans(p.to(do.dtype)), do, ACC)
             dk += _mm(tl.trans(ds.to(qu.dtype)), qu, ACC)
+            r_lo = r_hi
     dst = bkv * N * D + offs_k[:, None] * D + offs_d[None, :]
     kv_mask = (offs_k[:, None] < N) & d_ok[None, :]
     tl.store(DK + dst, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _xl_bwd_dq_kernel(
     Q, K, V, R, U, VB, Scale, DO, Lse, Delta, DQ, DU_part, DVB_part,
     L, N, R_LEN, WINDOW, H, GROUP, D,
@@ -254,18 +272,22 @@ def _xl_bwd_dq_kernel(
     dq_bd = tl.zeros([BLOCK, BLOCK_D], ACC)
     lo = (tl.maximum(mem + i0 - WINDOW + 1, 0) // BLOCK) * BLOCK
     hi = tl.minimum(mem + i0 + BLOCK, N)
-    for start in range(lo, hi, BLOCK):
+    r_hi = _r_rows(R, mem + i0 - lo + 1, R_LEN, offs_d, d_ok, D, BLOCK)
+    band_hi = _mm(qv, tl.trans(r_hi), ACC)
+    for start in range(lo, hi, BLOCK):  # carrying the band's halves as the forward does
         offs_k = start + tl.arange(0, BLOCK)
+        r_lo = _r_rows(R, mem + i0 - start - BLOCK + 1, R_LEN, offs_d, d_ok, D, BLOCK)
+        band_lo = _mm(qv, tl.trans(r_lo), ACC)
         k = _load_rows(K, offs_k, N, offs_d, d_ok, D)
+        s = _mm(qu, tl.trans(k), ACC) + _skewed(band_lo, band_hi, BLOCK)
         v = _load_rows(V, offs_k, N, offs_d, d_ok, D)
-        rb = _load_rows(
-            R, _band_rows(mem + i0 - start - BLOCK + 1, R_LEN, BLOCK), R_LEN, offs_d, d_ok, D
-        )
-        s = _scores(qu, qv, k, rb, BLOCK, ACC)
         ok = _allowed(offs_m, offs_k, mem, N, WINDOW)
         p, ds = _probs_and_ds(s, ok, lse2, delta, do, v, scale * _LOG2E, ACC)
         dq_ac += _mm(ds.to(k.dtype), k, ACC)
-        dq_bd += _mm(_to_band(ds, BLOCK).to(rb.dtype), rb, ACC)
+        ds_lo, ds_hi = _unskewed(ds, BLOCK)
+        dq_bd += _mm(ds_lo.to(r_lo.dtype), r_lo, ACC) + _mm(ds_hi.to(r_hi.dtype), r_hi, ACC)
+        r_hi = r_lo
+        band_hi = band_lo
     dq_ac *= scale
     dq_bd *= scale
     tl.store(
@@ -278,7 +300,7 @@ def _xl_bwd_dq_kernel(
     tl.store(DVB_part + part, tl.sum(dq_bd, 0), mask=d_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*_NO_SPECIALIZE, "DIAG0"])
 def _xl_bwd_dr_kernel(
     Q, K, V, R, U, VB, Scale, DO, Lse, Delta, DR_part,
     L, N, R_LEN, WINDOW, H, GROUP, D, DIAG0,
@@ -297,24 +319,32 @@ def _xl_bwd_dr_kernel(
     DO += bh * L * D
     K += kv * N * D
     V += kv * N * D
-    rows = _band_rows(mem - BLOCK + 1 + e * BLOCK, R_LEN, BLOCK)
-    rb = _load_rows(R + h * R_LEN * D, rows, R_LEN, offs_d, d_ok, D)
-    dr = tl.zeros([2 * BLOCK, BLOCK_D], ACC)
+    R += h * R_LEN * D
+    dmin = mem - BLOCK + 1 + e * BLOCK
+    r_lo = _r_rows(R, dmin, R_LEN, offs_d, d_ok, D, BLOCK)
+    r_hi = _r_rows(R, dmin + BLOCK, R_LEN, offs_d, d_ok, D, BLOCK)
+    dr_lo = tl.zeros([BLOCK, BLOCK_D], ACC)
+    dr_hi = tl.zeros([BLOCK, BLOCK_D], ACC)
     for qb in range(tl.maximum(e, 0), tl.minimum(tl.cdiv(L, BLOCK), tl.cdiv(N, BLOCK) + e)):
         offs_m = qb * BLOCK + tl.arange(0, BLOCK)
         offs_k = (qb - e) * BLOCK + tl.arange(0, BLOCK)
         qu, qv = _query_tile(Q, U, VB, h, offs_m, offs_d, d_ok, L, D, ACC)
         k = _load_rows(K, offs_k, N, offs_d, d_ok, D)
+        s = _mm(qu, tl.trans(k), ACC) + _skewed(
+            _mm(qv, tl.trans(r_lo), ACC), _mm(qv, tl.trans(r_hi), ACC), BLOCK
+        )
         v = _load_rows(V, offs_k, N, offs_d, d_ok, D)
         do = _load_rows(DO, offs_m, L, offs_d, d_ok, D)
         lse2, delta = _row_stats(Lse + bh * L, Delta + bh * L, offs_m, L)
-        s = _scores(qu, qv, k, rb, BLOCK, ACC)
         ok = _allowed(offs_m, offs_k, mem, N, WINDOW)
         p, ds = _probs_and_ds(s, ok, lse2, delta, do, v, scale * _LOG2E, ACC)
-        dr += _mm(tl.trans(_to_band(ds, BLOCK).to(qv.dtype)), qv, ACC)
-    offs_w = tl.arange(0, 2 * BLOCK)
-    dst = ((bh * tl.num_programs(0) + pid) * 2 * BLOCK + offs_w[:, None]) * D + offs_d[None, :]
-    tl.store(DR_part + dst, dr * scale, mask=d_ok[None, :])
+        ds_lo, ds_hi = _unskewed(ds, BLOCK)
+        dr_lo += _mm(tl.trans(ds_lo.to(qv.dtype)), qv, ACC)
+        dr_hi += _mm(tl.trans(ds_hi.to(qv.dtype)), qv, ACC)
+    offs_t = tl.arange(0, BLOCK)
+    dst = ((bh * tl.num_programs(0) + pid) * 2 * BLOCK + offs_t[:, None]) * D + offs_d[None, :]
+    tl.store(DR_part + dst, dr_lo * scale, mask=d_ok[None, :])
+    tl.store(DR_part + dst + BLOCK * D, dr_hi * scale, mask=d_ok[None, :])
 
 
 # --------------------------------------------------------------------------- launchers
@@ -475,22 +505,25 @@ _INTS = ("L", "N", "R_LEN", "WINDOW", "H", "GROUP", "D", "DIAG0")
 
 
 def compile_configs():
-    """Every (kernel, dtype, head-dim bucket) the GPU dispatcher launches, for
-    bench/compile_report.py. Head dims are padded to the next power of two (BLOCK_D)."""
+    """Every (kernel, dtype, head-dim bucket, D % 16 == 0 or not) the GPU dispatcher launches,
+    for bench/compile_report.py. Head dims are padded to the next power of two (BLOCK_D); a
+    bucket's D % 16 == 0 variant is its power of two itself or e.g. 80, 96 (bucket 128), the
+    other e.g. 41 (bucket 64)."""
     for block_d in (16, 32, 64, 128, 256):
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            block, warps, stages = block_config(block_d, dtype)
-            ty = _TL_DTYPES[dtype]
-            for label, (fn, outs) in _KERNELS.items():
-                ptrs = ("Q", "K", "V", "R", "U", "VB", "Scale", *outs)
-                sig = {n: "*fp32" if n in _FP32_PTRS else f"*{ty}" for n in ptrs}
-                sig.update({n: "i32" for n in _INTS if n in fn.arg_names})
-                yield KernelConfig(
-                    name=f"xl_{label}[D<={block_d},{ty}]",
-                    fn=fn,
-                    signature=sig,
-                    constexprs={"BLOCK": block, "BLOCK_D": block_d, "ACC": tl.float32},
-                    num_warps=warps,
-                    num_stages=stages,
-                    divisible_by_16=ptrs,
-                )
+        for div16 in (True, False):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                ty = _TL_DTYPES[dtype]
+                for label, (fn, outs) in _KERNELS.items():
+                    block, warps, stages = block_config(block_d, dtype, kernel=label)
+                    ptrs = ("Q", "K", "V", "R", "U", "VB", "Scale", *outs)
+                    sig = {n: "*fp32" if n in _FP32_PTRS else f"*{ty}" for n in ptrs}
+                    sig.update({n: "i32" for n in _INTS if n in fn.arg_names})
+                    yield KernelConfig(
+                        name=f"xl_{label}[D<={block_d}{'' if div16 else ',D%16'},{ty}]",
+                        fn=fn,
+                        signature=sig,
+                        constexprs={"BLOCK": block, "BLOCK_D": block_d, "ACC": tl.float32},
+                        num_warps=warps,
+                        num_stages=stages,
+                        divisible_by_16=(*ptrs, "D") if div16 else ptrs,
+                    )
