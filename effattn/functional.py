@@ -15,15 +15,16 @@ CPU tensors.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import math
 import os
-import weakref
 
 import torch
 
 from effattn import _extension, reference
 from effattn.decompose import Part, plan
-from effattn.patterns import Pattern
+from effattn.patterns import Pattern, from_key, from_mask
 
 __all__ = ["backends", "sparse_attention", "xl_attention"]
 
@@ -125,30 +126,6 @@ def _check_key_padding_mask(kpm, q, k) -> None:
         raise ValueError(f"key_padding_mask is on {kpm.device}, q on {q.device}")
 
 
-# --------------------------------------------------------------------------- patterns by key
-# Custom ops take strings, not Patterns: built-in patterns are keyed by their terms (equal
-# patterns share a key and their cached layouts), custom ones by identity while they live.
-_PATTERNS: dict[str, Pattern] = {}
-_CUSTOM: weakref.WeakValueDictionary[str, Pattern] = weakref.WeakValueDictionary()
-
-
-def _pattern_key(pattern: Pattern) -> str:
-    if pattern.is_custom:
-        key = f"custom:{id(pattern)}"
-        _CUSTOM[key] = pattern
-        return key
-    key = repr((pattern.classes(), pattern.kind))
-    _PATTERNS.setdefault(key, pattern)
-    return key
-
-
-def _pattern(key: str) -> Pattern:
-    found = _PATTERNS.get(key) or _CUSTOM.get(key)
-    if found is None:
-        raise RuntimeError(f"pattern {key!r} is no longer alive: keep a reference to it")
-    return found
-
-
 # --------------------------------------------------------------------------- plan execution
 def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -187,8 +164,16 @@ def _rows(part: Part):
     return sel, part.q_index[sel]
 
 
+def _sparse_kernels(backend: str, q, k, v):
+    """The backend module serving these tensors. Runs inside the custom ops, so that
+    torch.compile never traces the imports that resolving and loading a backend involves."""
+    kern = _module(_BACKEND_MODULES, _resolve_backend(backend, q.device))
+    kern.check(q, k, v)
+    return kern
+
+
 def _run_forward(q, k, v, kpm, pattern: Pattern, scale: float, backend: str):
-    kern = _module(_BACKEND_MODULES, backend)
+    kern = _sparse_kernels(backend, q, k, v)
     bm, bn = kern.plan_blocks(q)
     parts = plan(pattern, q.shape[2], k.shape[2], bm, bn, device=q.device)
     outs, lses = [], []
@@ -214,7 +199,7 @@ def _run_forward(q, k, v, kpm, pattern: Pattern, scale: float, backend: str):
 
 
 def _run_backward(dout, dlse, q, k, v, out, lse, kpm, pattern: Pattern, scale: float, backend: str):
-    kern = _module(_BACKEND_MODULES, backend)
+    kern = _sparse_kernels(backend, q, k, v)
     bm, bn = kern.plan_blocks(q)
     parts = plan(pattern, q.shape[2], k.shape[2], bm, bn, device=q.device)
     acc = _acc(q)
@@ -270,6 +255,28 @@ def _add_key_grads(part: Part, dk: torch.Tensor, dkp: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- custom ops
+# Custom ops take tensors, strings and numbers, not Patterns: a built-in pattern travels as its
+# key, a custom one (which has a fixed size anyway) as its element mask.
+def _op_pattern(pattern_key: str, custom_mask: torch.Tensor | None) -> Pattern:
+    if custom_mask is None:
+        return from_key(pattern_key)
+    return _custom_pattern(custom_mask)
+
+
+_CUSTOM_CACHE: dict[tuple, Pattern] = {}
+
+
+def _custom_pattern(mask: torch.Tensor) -> Pattern:
+    """from_mask(mask), cached by content so that repeated calls reuse the layouts."""
+    cpu = mask.detach().to("cpu", torch.bool).contiguous()
+    key = (tuple(cpu.shape), hashlib.sha1(cpu.numpy().tobytes()).hexdigest())
+    if key not in _CUSTOM_CACHE:
+        if len(_CUSTOM_CACHE) >= 16:
+            _CUSTOM_CACHE.pop(next(iter(_CUSTOM_CACHE)))
+        _CUSTOM_CACHE[key] = from_mask(cpu)
+    return _CUSTOM_CACHE[key]
+
+
 @torch.library.custom_op("effattn::sparse_attention", mutates_args=())
 def _sparse_op(
     q: torch.Tensor,
@@ -277,14 +284,16 @@ def _sparse_op(
     v: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
     pattern_key: str,
+    custom_mask: torch.Tensor | None,
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _run_forward(q, k, v, key_padding_mask, _pattern(pattern_key), scale, backend)
+    pattern = _op_pattern(pattern_key, custom_mask)
+    return _run_forward(q, k, v, key_padding_mask, pattern, scale, backend)
 
 
 @_sparse_op.register_fake
-def _(q, k, v, key_padding_mask, pattern_key, scale, backend):
+def _(q, k, v, key_padding_mask, pattern_key, custom_mask, scale, backend):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_acc(q))
 
 
@@ -299,32 +308,43 @@ def _sparse_backward_op(
     lse: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
     pattern_key: str,
+    custom_mask: torch.Tensor | None,
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _run_backward(
-        dout, dlse, q, k, v, out, lse, key_padding_mask, _pattern(pattern_key), scale, backend
-    )
+    pattern = _op_pattern(pattern_key, custom_mask)
+    return _run_backward(dout, dlse, q, k, v, out, lse, key_padding_mask, pattern, scale, backend)
 
 
 @_sparse_backward_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, key_padding_mask, pattern_key, scale, backend):
+def _(dout, dlse, q, k, v, out, lse, key_padding_mask, pattern_key, custom_mask, scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _sparse_setup(ctx, inputs, output):
-    q, k, v, kpm, pattern_key, scale, backend = inputs
+    q, k, v, kpm, pattern_key, custom_mask, scale, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kpm)
+    ctx.save_for_backward(q, k, v, out, lse, kpm, custom_mask)
     ctx.pattern_key, ctx.scale, ctx.backend = pattern_key, scale, backend
 
 
 def _sparse_autograd(ctx, dout, dlse):
-    q, k, v, out, lse, kpm = ctx.saved_tensors
+    q, k, v, out, lse, kpm, custom_mask = ctx.saved_tensors
     dq, dk, dv = _sparse_backward_op(
-        dout.contiguous(), dlse, q, k, v, out, lse, kpm, ctx.pattern_key, ctx.scale, ctx.backend
+        dout.contiguous(),
+        dlse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kpm,
+        ctx.pattern_key,
+        custom_mask,
+        ctx.scale,
+        ctx.backend,
     )
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 _sparse_op.register_autograd(_sparse_autograd, setup_context=_sparse_setup)
@@ -363,19 +383,24 @@ def sparse_attention(
         )
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend not in _NAMES:
+        raise ValueError(f"backend must be one of {_NAMES}, got {backend!r}")
     _check_inputs(q, k, v, backend)
-    name = _resolve_backend(backend, q.device)
     pattern._check_size(q.shape[2], k.shape[2])
     pattern._check_heads(q.shape[1])
     scale = _check_scale(scale, q.shape[-1])
     _check_key_padding_mask(key_padding_mask, q, k)
-    if name == "reference":
+    if backend == "reference":
         mask = pattern.mask(q.shape[2], k.shape[2], q.shape[1], device=q.device).unsqueeze(0)
         if key_padding_mask is not None:
             mask = mask & ~key_padding_mask[:, None, None, :]
         return reference.attention(q, k, v, mask, scale=scale, return_lse=return_lse)
-    _module(_BACKEND_MODULES, name).check(q, k, v)
-    out, lse = _sparse_op(q, k, v, key_padding_mask, _pattern_key(pattern), scale, name)
+    if pattern.is_custom:
+        heads = math.lcm(pattern.period, pattern.head_divisor)
+        key, custom_mask = "", pattern.mask(q.shape[2], k.shape[2], heads, device=q.device)
+    else:
+        key, custom_mask = pattern.key, None
+    out, lse = _sparse_op(q, k, v, key_padding_mask, key, custom_mask, scale, backend)
     return (out, lse) if return_lse else out
 
 

@@ -35,6 +35,7 @@ tensor([[1, 0, 0, 0, 0, 0, 0, 0],
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import math
@@ -49,6 +50,7 @@ __all__ = [
     "Term",
     "causal",
     "fixed",
+    "from_key",
     "from_mask",
     "full",
     "local",
@@ -85,7 +87,17 @@ class Term:
     NUM_FIELDS = 9
 
     def as_tuple(self) -> tuple[int, ...]:
-        return dataclasses.astuple(self)
+        return (
+            self.lo,
+            self.hi,
+            self.mod,
+            self.gq,
+            self.gk,
+            self.grel,
+            self.smod,
+            self.smin,
+            self.smax,
+        )
 
     def allowed(self, p: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Element predicate on broadcastable int64 tensors of absolute positions."""
@@ -294,6 +306,14 @@ class Pattern:
         if self._classes is None:
             raise ValueError(f"{self.name} is a custom pattern: it has stored masks, not terms")
         return self._classes
+
+    @property
+    def key(self) -> str:
+        """The whole pattern as a string (built-in patterns only), for custom ops, which take
+        no Python objects: :func:`from_key` rebuilds it. Building it touches no global state,
+        so torch.compile can trace patterns created inside compiled code."""
+        terms = tuple(tuple(t.as_tuple() for t in ts) for ts in self.classes())
+        return str((self.name, terms, self.kind, self.head_divisor))
 
     def _custom_period(self) -> int:
         if self._custom is not None:
@@ -827,6 +847,14 @@ def per_head(*patterns: Pattern) -> Pattern:
 
 def _dedup(classes):
     return tuple(tuple(dict.fromkeys(terms)) for terms in classes)
+
+
+@functools.lru_cache(maxsize=256)
+def from_key(key: str) -> Pattern:
+    """The built-in pattern whose :attr:`Pattern.key` is ``key``."""
+    name, terms, kind, head_divisor = ast.literal_eval(key)
+    classes = tuple(tuple(Term(*t) for t in ts) for ts in terms)
+    return Pattern(name, classes, kind=kind, head_divisor=head_divisor)
 
 
 def from_mask(mask: torch.Tensor) -> Pattern:
