@@ -5,7 +5,7 @@ kernels, each visiting only the blocks of the part's :class:`effattn.patterns.Bl
 
 ``_fwd_kernel``
     one program per (query block, batch x head): online softmax over the full key blocks (no
-    pattern test) and then the partial ones (pattern predicate), fp32 accumulation, saves the LSE.
+    pattern test) and then the partial ones (pattern predicate), saves the LSE.
 ``_bwd_dq_kernel``
     one program per (query block, batch x head): dq over the same key blocks as the forward.
 ``_bwd_dkdv_kernel``
@@ -18,9 +18,11 @@ no term uses are compiled out through constexpr flags) or from the deduplicated 
 (custom patterns). Rows past n_q and keys past n_k are always masked, and head dims that are not
 powers of two are padded inside the kernels with masked loads.
 
-Numerics: softmax in base 2 with the scale folded into the exponent for fp16 / bf16 / fp32;
-fp32 products use IEEE fp32 (no TF32). fp64 (interpreter only, for gradcheck) runs in natural
-base with q pre-scaled in fp64, because Triton passes Python floats to kernels as fp32.
+Numerics: fp32 accumulation; fp16 / bf16 take the softmax in base 2 with log2(e) folded into
+the score scale; fp32 stays in base e and multiplies in IEEE fp32 (no TF32), to be as accurate
+as plain fp32 attention. fp64 (interpreter only, for gradcheck) accumulates in fp64, with q
+pre-scaled in fp64 because Triton passes Python floats to kernels as fp32. dq, dk and dv come
+back in the accumulator dtype so that the parts of a plan add up before one final rounding.
 """
 
 from __future__ import annotations
@@ -175,7 +177,7 @@ def _fwd_block(
     USE_COLS: tl.constexpr,
     USE_TILES: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
-    IS_FP64: tl.constexpr,
+    EXP2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -206,8 +208,8 @@ def _fwd_block(
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # Rows with nothing visible so far keep m = -inf: shift them by 0 so exp gives 0, not NaN.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = _exp(s - m_use[:, None], not IS_FP64)
-    alpha = _exp(m_i - m_use, not IS_FP64)
+    p = _exp(s - m_use[:, None], EXP2)
+    alpha = _exp(m_i - m_use, EXP2)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, WIDEN_DOT)
     return acc, m_new, l_i
@@ -260,6 +262,7 @@ def _fwd_kernel(
     USE_TILES: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     IS_FP64: tl.constexpr,
+    EXP2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -298,7 +301,7 @@ def _fwd_kernel(
         acc, m_i, l_i = _fwd_block(
             acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, kb, offs_m, offs_n, offs_d,
             d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, Tiles, Terms, c,
-            False, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK, IS_FP64,
+            False, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK, EXP2,
             DOT_PRECISION, WIDEN_DOT, BLOCK_N,
         )  # fmt: skip
     n_part = tl.load(PartNum + row)
@@ -311,17 +314,17 @@ def _fwd_kernel(
         acc, m_i, l_i = _fwd_block(
             acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, kb, offs_m, offs_n, offs_d,
             d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, tile_ptrs, Terms, c,
-            True, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK, IS_FP64,
+            True, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK, EXP2,
             DOT_PRECISION, WIDEN_DOT, BLOCK_N,
         )  # fmt: skip
 
     nonempty = l_i > 0
     l_safe = tl.where(nonempty, l_i, 1.0)
     out = acc / l_safe[:, None]
-    if IS_FP64:
-        lse = m_i + tl.log(l_safe)
-    else:
+    if EXP2:
         lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
+    else:
+        lse = m_i + tl.log(l_safe)
     lse = tl.where(nonempty, lse, float("-inf"))
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(
@@ -333,7 +336,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, IS_FP64: tl.constexpr):
+def _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, EXP2: tl.constexpr):
     """(lse in the kernel's exponent base, delta, row visible) for query rows offs_m.
 
     Rows past n_q and rows whose merged lse is +-inf (no visible key, or kept only to fill a
@@ -343,7 +346,7 @@ def _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, IS_FP64: tl.constexpr):
     lse = tl.load(Lse + bh.to(tl.int64) * n_q + offs_m, mask=in_rows, other=float("inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * n_q + offs_m, mask=in_rows, other=0.0)
     ok = (lse > float("-inf")) & (lse < float("inf"))
-    if not IS_FP64:
+    if EXP2:
         lse = lse * 1.4426950408889634
     lse = tl.where(ok, lse, 0.0)
     delta = tl.where(ok, delta, 0.0)
@@ -382,7 +385,7 @@ def _bwd_dq_block(
     USE_COLS: tl.constexpr,
     USE_TILES: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
-    IS_FP64: tl.constexpr,
+    EXP2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -409,7 +412,7 @@ def _bwd_dq_block(
         USE_COLS,
         USE_TILES,
     )
-    p = _exp(tl.where(vis, s - lse[:, None], float("-inf")), not IS_FP64)
+    p = _exp(tl.where(vis, s - lse[:, None], float("-inf")), EXP2)
     dp = _dot(do, tl.trans(v), DOT_PRECISION, WIDEN_DOT)
     ds = p * (dp - delta[:, None])
     dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, WIDEN_DOT)
@@ -466,6 +469,7 @@ def _bwd_dq_kernel(
     USE_TILES: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     IS_FP64: tl.constexpr,
+    EXP2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -489,7 +493,7 @@ def _bwd_dq_kernel(
     q = tl.load(q_base + row_offs, mask=q_mask, other=0.0)
     do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
-    lse, delta, row_vis = _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, IS_FP64)
+    lse, delta, row_vis = _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, EXP2)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     key_mask_base = KeyMask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
@@ -504,7 +508,7 @@ def _bwd_dq_kernel(
             dq, q, do, lse, delta, row_vis, k_base, v_base, stride_kn, stride_vn, kb, offs_m,
             offs_n, offs_d, d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, Tiles,
             Terms, c, False, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK,
-            IS_FP64, DOT_PRECISION, WIDEN_DOT, BLOCK_N,
+            EXP2, DOT_PRECISION, WIDEN_DOT, BLOCK_N,
         )  # fmt: skip
     n_part = tl.load(PartNum + row)
     for t in range(n_part):
@@ -517,7 +521,7 @@ def _bwd_dq_kernel(
             dq, q, do, lse, delta, row_vis, k_base, v_base, stride_kn, stride_vn, kb, offs_m,
             offs_n, offs_d, d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, tile_ptrs,
             Terms, c, True, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK,
-            IS_FP64, DOT_PRECISION, WIDEN_DOT, BLOCK_N,
+            EXP2, DOT_PRECISION, WIDEN_DOT, BLOCK_N,
         )  # fmt: skip
 
     # DQ is a contiguous [B, H, n_q, D] accumulator-dtype tensor.
@@ -556,7 +560,7 @@ def _bwd_dkdv_block(
     USE_GROUP: tl.constexpr,
     USE_COLS: tl.constexpr,
     USE_TILES: tl.constexpr,
-    IS_FP64: tl.constexpr,
+    EXP2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -566,7 +570,7 @@ def _bwd_dkdv_block(
     q_mask = (offs_m < n_q)[:, None] & d_ok[None, :]
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
-    lse, delta, row_vis = _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, IS_FP64)
+    lse, delta, row_vis = _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, EXP2)
     st = _dot(k, tl.trans(q), DOT_PRECISION, WIDEN_DOT) * qk_scale
     vis = _visible(
         col_ok[:, None] & row_vis[None, :],
@@ -582,7 +586,7 @@ def _bwd_dkdv_block(
         USE_COLS,
         USE_TILES,
     )
-    pt = _exp(tl.where(vis, st - lse[None, :], float("-inf")), not IS_FP64)
+    pt = _exp(tl.where(vis, st - lse[None, :], float("-inf")), EXP2)
     dv += _dot(pt.to(do.dtype), do, DOT_PRECISION, WIDEN_DOT)
     dpt = _dot(v, tl.trans(do), DOT_PRECISION, WIDEN_DOT)
     dst = pt * (dpt - delta[None, :])
@@ -641,6 +645,7 @@ def _bwd_dkdv_kernel(
     USE_TILES: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     IS_FP64: tl.constexpr,
+    EXP2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -683,7 +688,7 @@ def _bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, col_ok, cols, q_base, do_base, stride_qm, stride_dom, Lse, Delta,
                 bh, qb, offs_r, offs_d, d_ok, n_q, q_offset, qk_scale, Tiles, Terms, c, False,
-                NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, IS_FP64, DOT_PRECISION,
+                NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, EXP2, DOT_PRECISION,
                 WIDEN_DOT, BLOCK_M,
             )  # fmt: skip
         n_part = tl.load(PartNum + row)
@@ -696,7 +701,7 @@ def _bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, col_ok, cols, q_base, do_base, stride_qm, stride_dom, Lse, Delta,
                 bh, qb, offs_r, offs_d, d_ok, n_q, q_offset, qk_scale, tile_ptrs, Terms, c, True,
-                NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, IS_FP64, DOT_PRECISION,
+                NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, EXP2, DOT_PRECISION,
                 WIDEN_DOT, BLOCK_M,
             )  # fmt: skip
 
@@ -795,12 +800,21 @@ def _key_mask_args(key_mask, b, h, n_k, fallback):
     return km.view(torch.uint8), strides
 
 
+def _exp2(dtype: torch.dtype) -> bool:
+    """Whether the kernels use base 2 with log2(e) folded into the score scale.
+
+    That saves a multiply per score for fp16 / bf16, whose rounding dwarfs the extra rounding
+    of the exponent's argument; fp32 and fp64 stay in base e, as accurate as plain softmax.
+    """
+    return dtype in (torch.float16, torch.bfloat16)
+
+
 def _scales(q: torch.Tensor, scale: float):
-    """(q as the kernels read it, qk_scale, sm_scale) for the dtype's exponent base."""
+    """(q as the kernels read it, qk_scale, sm_scale)."""
     if q.dtype == torch.float64:
-        # fp64: scale q in fp64 here (kernel float arguments are fp32) and use base e.
+        # Kernel float arguments are fp32: scale q in fp64 here instead.
         return q * scale, 1.0, 1.0
-    return q, scale * _LOG2E, scale
+    return q, scale * _LOG2E if _exp2(q.dtype) else scale, scale
 
 
 def _common_checks(q, k):
@@ -907,6 +921,7 @@ def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None):
         layout.num_q_blocks, layout.kv_full_idx.shape[-1], layout.kv_part_idx.shape[-1],
         HAS_KEY_MASK=key_mask is not None,
         IS_FP64=q.dtype == torch.float64,
+        EXP2=_exp2(q.dtype),
         DOT_PRECISION=_dot_precision(q.dtype),
         WIDEN_DOT=_interpreting() and q.dtype == torch.bfloat16,
         BLOCK_M=cfg.block_m,
@@ -951,6 +966,7 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
     flags = dict(
         HAS_KEY_MASK=key_mask is not None,
         IS_FP64=q.dtype == torch.float64,
+        EXP2=_exp2(q.dtype),
         DOT_PRECISION=_dot_precision(q.dtype),
         WIDEN_DOT=_interpreting() and q.dtype == torch.bfloat16,
         BLOCK_D=_block_d(d),
@@ -1057,6 +1073,7 @@ def compile_configs():
                             **flags,
                             "HAS_KEY_MASK": True,
                             "IS_FP64": False,
+                            "EXP2": not wide,
                             "DOT_PRECISION": "ieee" if wide else "tf32",
                             "WIDEN_DOT": False,
                             "BLOCK_M": cfg.block_m,

@@ -1,0 +1,323 @@
+"""The Triton block-sparse backend against the dense reference.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before Triton is imported), on CPU tensors and interpreter-sized problems; most tests shrink the
+kernel blocks (``BLOCKS_OVERRIDE``) so that small sequences still have full blocks, partial
+blocks, ragged ends and decomposed plans. The ``gpu`` tests repeat the comparison at realistic
+sizes in fp16 / bf16 when CUDA is present.
+
+Tolerances: a kernel result may differ from the fp64 reference by at most twice what the same
+reference computed in the input dtype differs by (plus one unit in the last place at 1.0): the
+kernel has to be as accurate as ordinary attention in that dtype, whatever its blocking. fp64
+is compared with the fp64 reference up to a summation-order allowance of n_k units.
+"""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import effattn  # noqa: E402
+from effattn import patterns as P  # noqa: E402
+from effattn import reference  # noqa: E402
+from effattn.decompose import plan  # noqa: E402
+from effattn.ops import triton_sparse as ts  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+pytestmark = pytest.mark.skipif(
+    not HAS_CUDA and not ts._interpreting(),
+    reason="no CUDA device and Triton is not in interpreter mode (TRITON_INTERPRET=1)",
+)
+needs_interpreter = pytest.mark.skipif(
+    not ts._interpreting(), reason="fp64 runs only in Triton's interpreter"
+)
+
+
+@pytest.fixture
+def blocks(monkeypatch):
+    """Set the kernels' (block_m, block_n) for the test; None keeps the shipped configs."""
+
+    def set_blocks(bm_bn):
+        monkeypatch.setattr(ts, "BLOCKS_OVERRIDE", bm_bn)
+
+    return set_blocks
+
+
+def make(b, h, h_kv, n_q, n_k, d, dtype, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (
+        torch.randn(b, hh, n, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        for hh, n in ((h, n_q), (h_kv, n_k), (h_kv, n_k))
+    )
+    return q, k, v
+
+
+def run(q, k, v, pattern, kpm, backend, dout, dlse):
+    """(out, lse, dq, dk, dv) through effattn.sparse_attention, or the masked reference."""
+    if backend == "reference":
+        mask = pattern.mask(q.shape[2], k.shape[2], q.shape[1], device=q.device).unsqueeze(0)
+        if kpm is not None:
+            mask = mask & ~kpm[:, None, None]
+        out, lse = reference.attention(q, k, v, mask, return_lse=True)
+    else:
+        out, lse = effattn.sparse_attention(
+            q, k, v, pattern, key_padding_mask=kpm, backend=backend, return_lse=True
+        )
+    loss = (out * dout.to(out.dtype)).sum() + (
+        torch.where(torch.isfinite(lse), lse, 0) * dlse
+    ).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    return (out, lse, *grads)
+
+
+def check_against_reference(pattern, b, h, h_kv, n_q, n_k, d, dtype, kpm_rate=0.0, seed=0):
+    q, k, v = make(b, h, h_kv, n_q, n_k, d, dtype, seed)
+    kpm = None
+    if kpm_rate:
+        g = torch.Generator().manual_seed(seed + 1)
+        kpm = (torch.rand(b, n_k, generator=g) < kpm_rate).to(q.device)
+    g = torch.Generator().manual_seed(seed + 2)
+    dout = torch.randn(b, h, n_q, d, generator=g, dtype=torch.float64).to(q.device)
+    dlse = torch.randn(b, h, n_q, generator=g, dtype=torch.float64).to(q.device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    got = run(q, k, v, pattern, kpm, "triton", dout, dlse.to(acc))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = run(q64, k64, v64, pattern, kpm, "reference", dout, dlse)
+    same = run(q, k, v, pattern, kpm, "reference", dout, dlse.to(acc))
+
+    # Rows without a visible key: lse -inf, output exactly 0, in kernel and reference alike.
+    empty = torch.isinf(want[1])
+    assert torch.equal(torch.isinf(got[1]), empty), "rows with no visible key differ"
+    assert torch.equal(got[0][empty], torch.zeros_like(got[0][empty]))
+    floor = torch.finfo(dtype).eps
+    if dtype == torch.float64:
+        # The fp64 reference is itself the same-dtype computation: allow what another summation
+        # order over n_k keys can change.
+        floor *= n_k
+    for name, a, w, s in zip(("out", "lse", "dq", "dk", "dv"), got, want, same, strict=True):
+        a, s = a.double(), s.double()
+        if name == "lse":
+            a, w, s = a[~empty], w[~empty], s[~empty]
+        assert torch.isfinite(a).all(), f"{name} is not finite"
+        err = (a - w).abs().max().item() if a.numel() else 0.0
+        ref_err = (s - w).abs().max().item() if a.numel() else 0.0
+        assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g} vs reference's {ref_err:.3g}"
+    return got
+
+
+# Patterns x ragged sizes x GQA x key padding x queries fewer than keys, in fp32.
+CASES = [
+    # pattern, b, h, h_kv, n_q, n_k, d, key padding rate
+    (P.causal(), 2, 4, 2, 70, 70, 41, 0.2),
+    (P.full(), 1, 2, 1, 37, 53, 16, 0.3),
+    (P.local(9), 1, 2, 2, 33, 70, 80, 0.0),
+    (P.local(5, causal=False), 2, 2, 1, 50, 50, 24, 0.2),
+    (P.strided(8), 1, 2, 1, 70, 70, 41, 0.1),
+    (P.strided(6, causal=False), 1, 2, 2, 45, 61, 32, 0.2),
+    (P.fixed(16, 4), 1, 2, 1, 70, 70, 48, 0.0),
+    (P.fixed(16, 3, num_patterns=2), 1, 4, 2, 66, 66, 41, 0.2),
+    (P.fixed(12, 4, num_patterns=3, causal=False), 1, 3, 1, 40, 59, 16, 0.0),
+    (P.union(P.local(3), P.fixed(10, 2)), 1, 2, 1, 57, 57, 24, 0.1),
+    (P.per_head(P.strided(5), P.causal(), P.local(7, causal=False)), 1, 6, 2, 48, 48, 16, 0.2),
+    (P.causal(), 2, 2, 1, 1, 45, 64, 0.2),
+]
+
+
+@pytest.mark.parametrize(
+    "pattern, b, h, h_kv, n_q, n_k, d, kpm_rate", CASES, ids=[c[0].name for c in CASES]
+)
+def test_matches_reference_fp32(blocks, pattern, b, h, h_kv, n_q, n_k, d, kpm_rate):
+    # block_m != block_n, so that a swapped index or a transposed tile cannot pass unnoticed.
+    blocks((16, 32))
+    check_against_reference(pattern, b, h, h_kv, n_q, n_k, d, torch.float32, kpm_rate)
+
+
+def test_custom_pattern_with_empty_rows_and_tiles(blocks):
+    blocks((16, 32))
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(2, 50, 70, generator=g) < 0.25
+    mask[0, :, 32:64] = True  # full blocks next to partial ones
+    mask[:, 7] = False  # a query with no key at all
+    mask[1, 20:36] = False  # a whole query block empty in one head
+    pattern = P.from_mask(mask)
+    assert pattern.layout(50, 70, 16, 32).tiles is not None
+    got = check_against_reference(pattern, 1, 4, 2, 50, 70, 41, torch.float32, kpm_rate=0.1)
+    assert torch.isinf(got[1][:, :, 7]).all()
+    assert (got[2][:, :, 7] == 0).all()
+
+
+def test_custom_union_and_per_head_with_masks(blocks):
+    blocks((16, 16))
+    g = torch.Generator().manual_seed(5)
+    custom = P.from_mask(torch.rand(1, 40, 40, generator=g) < 0.2)
+    pattern = P.per_head(P.union(custom, P.local(4)), P.strided(8))
+    check_against_reference(pattern, 1, 4, 2, 40, 40, 16, torch.float32, kpm_rate=0.1)
+
+
+def test_shipped_block_sizes(blocks):
+    # The tuned configs themselves (64-row blocks; fp32 uses narrower key blocks), with a head
+    # dim above 128 that takes the 256 bucket.
+    blocks(None)
+    check_against_reference(P.strided(16), 1, 2, 1, 150, 150, 41, torch.float32, 0.1)
+    check_against_reference(P.fixed(32, 8), 1, 2, 2, 90, 130, 200, torch.float32, 0.0)
+
+
+# The decomposed plans: strided column part (transposed chunks, dummy rows, padding keys when
+# not causal) and the fixed summary part (compact per-class key lists), merged by LSE.
+DECOMPOSED = [
+    (P.strided(16), 150, 150, 0.1),
+    (P.strided(12, causal=False), 130, 130, 0.1),
+    (P.strided(16), 60, 150, 0.0),
+    (P.fixed(16, 4), 150, 150, 0.1),
+    (P.fixed(16, 4, num_patterns=2), 70, 150, 0.0),
+    (P.fixed(16, 3, num_patterns=3, causal=False), 100, 131, 0.1),
+]
+
+
+@pytest.mark.parametrize(
+    "pattern, n_q, n_k, kpm_rate",
+    DECOMPOSED,
+    ids=[f"{c[0].name}-{c[1]}x{c[2]}" for c in DECOMPOSED],
+)
+def test_decomposed_plans(blocks, pattern, n_q, n_k, kpm_rate):
+    blocks((16, 16))
+    assert len(plan(pattern, n_q, n_k, 16, 16)) > 1, "the plan must decompose for this test"
+    h = 6 if pattern.period == 3 else 4
+    check_against_reference(pattern, 1, h, 2, n_q, n_k, 24, torch.float32, kpm_rate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "pattern, n",
+    [(P.causal(), 70), (P.strided(16), 150), (P.fixed(16, 4, num_patterns=2), 90)],
+    ids=["causal", "strided", "fixed"],
+)
+def test_half_precision(blocks, dtype, pattern, n):
+    blocks((16, 16))
+    check_against_reference(pattern, 1, 4, 2, n, n, 40, dtype, kpm_rate=0.1)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "pattern, n, bm_bn",
+    [(P.causal(), 21, (16, 16)), (P.strided(4), 40, (16, 16)), (P.fixed(8, 2, 2), 20, (16, 16))],
+    ids=["causal", "strided-decomposed", "fixed-decomposed"],
+)
+def test_gradcheck_fp64(blocks, pattern, n, bm_bn):
+    blocks(bm_bn)
+    q, k, v = make(1, 2, 1, n - 3, n, 16, torch.float64)
+    kpm = torch.zeros(1, n, dtype=torch.bool)
+    kpm[0, 1] = True
+
+    def f(q, k, v):
+        out, lse = effattn.sparse_attention(
+            q, k, v, pattern, key_padding_mask=kpm, backend="triton", return_lse=True
+        )
+        return out, torch.where(torch.isfinite(lse), lse, 0)
+
+    assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=True)
+
+
+def test_fp64_matches_reference_tightly(blocks):
+    if not ts._interpreting():
+        pytest.skip("fp64 runs only in Triton's interpreter")
+    blocks((16, 16))
+    got = check_against_reference(P.strided(16), 1, 2, 1, 150, 150, 24, torch.float64, 0.1)
+    assert got[0].dtype == torch.float64 and got[1].dtype == torch.float64
+
+
+def test_torch_compile_fullgraph_no_recompile(blocks):
+    blocks((16, 16))
+    torch._dynamo.reset()
+    compiles = 0
+
+    def counting_backend(gm, example_inputs):
+        nonlocal compiles
+        compiles += 1
+        return gm.forward
+
+    pattern = P.strided(8)
+
+    @torch.compile(backend=counting_backend, fullgraph=True, dynamic=True)
+    def f(q, k, v):
+        return effattn.sparse_attention(q, k, v, pattern, backend="triton") * 2
+
+    for n in (40, 56):
+        q, k, v = make(1, 2, 1, n, n, 16, torch.float32)
+        out = f(q, k, v)
+        want = 2 * reference.attention(q, k, v, pattern)
+        assert (out - want).abs().max() < 1e-5
+        out.sum().backward()
+        assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    assert compiles == 1
+
+
+# ------------------------------------------------------------------ bad input, configs
+def test_check_rejects_what_triton_cannot_serve(monkeypatch):
+    q = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="head dims"):
+        ts.check(*(torch.zeros(1, 1, 4, 300),) * 3)
+    with pytest.raises(TypeError, match="fp16, bf16, fp32"):
+        ts.check(*(torch.zeros(1, 1, 4, 16, dtype=torch.int32),) * 3)
+    monkeypatch.setattr(ts, "_interpreting", lambda: False)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        ts.check(q, q, q)
+    with pytest.raises(ValueError, match="head dim"):
+        effattn.sparse_attention(*(torch.zeros(1, 1, 4, 8),) * 3, P.causal(), backend="triton")
+
+
+def test_compile_configs_cover_every_kernel_parameter():
+    from effattn._aot import _full_signature
+
+    configs = list(ts.compile_configs())
+    names = {c.name for c in configs}
+    assert len(names) == len(configs)
+    for kernel in ("fwd", "dq", "dkdv"):
+        for d in (16, 32, 64, 128, 256):
+            for dtype in ("fp16", "bf16", "fp32"):
+                assert any(n.startswith(f"sparse_{kernel}[D={d},{dtype},") for n in names)
+    for c in configs:
+        sig, cst = _full_signature(c.fn, c.signature, c.constexprs)
+        assert set(sig) == set(c.fn.arg_names)
+        assert c.archs is not None and len(c.archs) == 1
+
+
+def test_forward_blocks_keep_strided_and_fixed_efficient():
+    from effattn.decompose import work_efficiency
+
+    q = torch.zeros(1, 1, 1, 64, dtype=torch.float16)
+    bm, bn = ts.plan_blocks(q)
+    for pattern in (P.strided(128), P.fixed(128, 16), P.fixed(128, 32)):
+        assert work_efficiency(pattern, 4096, 4096, bm, bn) >= 0.5, pattern.name
+
+
+# ------------------------------------------------------------------ GPU, realistic sizes
+GPU_CASES = [
+    (P.causal(), 4096, 64),
+    (P.strided(128), 8192, 64),
+    (P.fixed(128, 32, num_patterns=2), 8192, 128),
+    (P.local(256), 16384, 128),
+    (P.strided(128), 16384, 128),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "pattern, n, d", GPU_CASES, ids=[f"{c[0].name}-{c[1]}-D{c[2]}" for c in GPU_CASES]
+)
+def test_gpu_realistic_sizes(blocks, dtype, pattern, n, d):
+    blocks(None)
+    h = 2 * pattern.period
+    check_against_reference(pattern, 1, h, h // 2, n, n, d, dtype, kpm_rate=0.01)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("d", [41, 80, 96, 256])
+def test_gpu_odd_head_dims(blocks, d):
+    blocks(None)
+    check_against_reference(P.strided(64), 2, 4, 2, 1000, 1100, d, torch.bfloat16, kpm_rate=0.05)
+    check_against_reference(P.fixed(64, 16), 1, 2, 1, 777, 777, d, torch.float32, kpm_rate=0.05)
