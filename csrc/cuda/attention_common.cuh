@@ -102,18 +102,18 @@ EFFATTN_DEVICE void store_output(const float (&o)[DT][4], const float (&m)[2], c
   }
 }
 
-// Stores a warp's fp32 accumulator rows row0 + g (+ 8) < n_rows, times `scale`, into a
-// contiguous fp32 [rows x 8*DT] matrix.
+// Stores a warp's fp32 accumulator [16 x 8*DT] times `scale` into rows row0 + g (+ 8) < n_rows
+// of an fp32 matrix with row stride ld (`dst` points at its row 0, first column).
 template <int DT>
-EFFATTN_DEVICE void store_rows_f32(const float (&acc)[DT][4], float scale, float* dst, int row0,
-                                   int n_rows) {
+EFFATTN_DEVICE void store_rows_f32(const float (&acc)[DT][4], float scale, float* dst, int64_t ld,
+                                   int row0, int n_rows) {
   const int lane = dev::thread_id() & 31;
   const int g = lane >> 2, t = lane & 3;
   EFFATTN_UNROLL
   for (int i = 0; i < 2; ++i) {
     const int row = row0 + g + 8 * i;
     if (row >= n_rows) continue;
-    float* d = dst + static_cast<int64_t>(row) * (8 * DT) + 2 * t;
+    float* d = dst + row * ld + 2 * t;
     EFFATTN_UNROLL
     for (int dt = 0; dt < DT; ++dt) {
       dev::gstore(d + 8 * dt, acc[dt][2 * i] * scale);

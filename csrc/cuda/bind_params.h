@@ -59,8 +59,8 @@ inline void bind_params(pybind11::module_& m) {
 #undef EFFATTN_FIELD
 }
 
-// Binds the launchers: each takes (params, launch). Fn names the launcher functions (the real
-// ones of params.h, or the emulator's).
+// Binds the launchers: each takes (params, launch). Fn holds the launcher functions (the real
+// ones of params.h, or the emulator's) as members named after them.
 template <class Fn>
 void bind_launchers(pybind11::module_& m, const Fn& fn) {
   namespace py = pybind11;
@@ -70,6 +70,14 @@ void bind_launchers(pybind11::module_& m, const Fn& fn) {
         "Block-sparse attention backward, dq.");
   m.def("cuda_sparse_backward_dkdv", fn.sparse_backward_dkdv, py::arg("params"),
         py::arg("launch"), "Block-sparse attention backward, dk and dv.");
+  m.def("cuda_xl_forward", fn.xl_forward, py::arg("params"), py::arg("launch"),
+        "Transformer-XL attention forward.");
+  m.def("cuda_xl_backward_dkdv", fn.xl_backward_dkdv, py::arg("params"), py::arg("launch"),
+        "Transformer-XL attention backward: dk, dv and the column sums of dS.");
+  m.def("cuda_xl_backward_dq", fn.xl_backward_dq, py::arg("params"), py::arg("launch"),
+        "Transformer-XL attention backward: dq.");
+  m.def("cuda_xl_backward_dr", fn.xl_backward_dr, py::arg("params"), py::arg("launch"),
+        "Transformer-XL attention backward: per-diagonal band gradients of r and band sums of dS.");
 }
 
 }  // namespace cuda

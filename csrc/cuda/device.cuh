@@ -39,6 +39,7 @@ namespace dev {
 EFFATTN_DEVICE int thread_id() { return static_cast<int>(threadIdx.x); }
 EFFATTN_DEVICE int block_x() { return static_cast<int>(blockIdx.x); }
 EFFATTN_DEVICE int block_y() { return static_cast<int>(blockIdx.y); }
+EFFATTN_DEVICE int block_x_count() { return static_cast<int>(gridDim.x); }
 EFFATTN_DEVICE void sync_block() { __syncthreads(); }
 EFFATTN_DEVICE void sync_warp() { __syncwarp(); }
 

@@ -1,5 +1,7 @@
-// Launching a kernel "Op" (a struct with kThreads, kSmemBytes and a device function run(params))
-// on the GPU: one __global__ entry point per Op, dynamic shared memory opted in above 48 KiB.
+// Launching a kernel on the GPU. Each kernel is a struct Op (kThreads, kSmemBytes and a device
+// function run(params)) with a __global__ entry point named effattn_<kernel><E, D> in the
+// global namespace (EFFATTN_ENTRY), which keeps the names that ptxas and
+// bench/compile_report.py print short; dynamic shared memory is opted in above 48 KiB.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,10 +14,13 @@
 namespace effattn {
 namespace cuda {
 
-template <class Op, class P>
-__global__ void __launch_bounds__(Op::kThreads, 1) attention_kernel(const P p) {
-  Op::run(p);
-}
+// Defines the entry point `name`<E, D> of kernel struct Op<E, D> taking a P. minBlocks = 1 lets
+// ptxas use up to 255 registers per thread (the accumulators of D = 128 need them).
+#define EFFATTN_ENTRY(name, Op, P)                                                          \
+  template <class E, int D>                                                                 \
+  __global__ void __launch_bounds__(::effattn::cuda::Op<E, D>::kThreads, 1) name(const P p) { \
+    ::effattn::cuda::Op<E, D>::run(p);                                                      \
+  }
 
 inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
@@ -25,9 +30,8 @@ inline void check_cuda(cudaError_t err, const char* what) {
 }
 
 template <class Op, class P>
-void launch(const P& p, const Launch& l, const char* what) {
+void launch(void (*kernel)(P), const P& p, const Launch& l, const char* what) {
   check_geometry(l, Op::kThreads, Op::kSmemBytes, what);
-  auto* kernel = &attention_kernel<Op, P>;
   if (Op::kSmemBytes > 48 * 1024) {
     // Per device and kernel; cheap enough to repeat on every launch (the current device may
     // change between calls).

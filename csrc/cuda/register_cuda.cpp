@@ -11,12 +11,16 @@ namespace py = pybind11;
 namespace effattn {
 
 namespace {
+using SparseFn = void (*)(const cuda::SparseParams&, const cuda::Launch&);
+using XlFn = void (*)(const cuda::XlParams&, const cuda::Launch&);
 struct Launchers {
-  void (*sparse_forward)(const cuda::SparseParams&, const cuda::Launch&) = &cuda::sparse_forward;
-  void (*sparse_backward_dq)(const cuda::SparseParams&, const cuda::Launch&) =
-      &cuda::sparse_backward_dq;
-  void (*sparse_backward_dkdv)(const cuda::SparseParams&, const cuda::Launch&) =
-      &cuda::sparse_backward_dkdv;
+  SparseFn sparse_forward = &cuda::sparse_forward;
+  SparseFn sparse_backward_dq = &cuda::sparse_backward_dq;
+  SparseFn sparse_backward_dkdv = &cuda::sparse_backward_dkdv;
+  XlFn xl_forward = &cuda::xl_forward;
+  XlFn xl_backward_dkdv = &cuda::xl_backward_dkdv;
+  XlFn xl_backward_dq = &cuda::xl_backward_dq;
+  XlFn xl_backward_dr = &cuda::xl_backward_dr;
 };
 }  // namespace
 

@@ -133,7 +133,7 @@ struct SparseBackwardDq {
     dev::cp_async_wait<0>();
 
     float* dst = reinterpret_cast<float*>(p.dq) + static_cast<int64_t>(bh) * p.n_q * D;
-    store_rows_f32<D / 8>(dq, p.scale, dst, row0, p.n_q);
+    store_rows_f32<D / 8>(dq, p.scale, dst, D, row0, p.n_q);
   }
 };
 
@@ -296,9 +296,10 @@ struct SparseBackwardDkDv {
     dev::cp_async_wait<0>();
 
     const int64_t head_row0 = (static_cast<int64_t>(b) * p.kv_heads + hk) * p.n_k;
-    store_rows_f32<D / 8>(dk, p.scale, reinterpret_cast<float*>(p.dk) + head_row0 * D, key0,
+    store_rows_f32<D / 8>(dk, p.scale, reinterpret_cast<float*>(p.dk) + head_row0 * D, D, key0,
                           p.n_k);
-    store_rows_f32<D / 8>(dv, 1.f, reinterpret_cast<float*>(p.dv) + head_row0 * D, key0, p.n_k);
+    store_rows_f32<D / 8>(dv, 1.f, reinterpret_cast<float*>(p.dv) + head_row0 * D, D, key0,
+                          p.n_k);
   }
 };
 

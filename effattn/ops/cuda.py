@@ -41,6 +41,11 @@ __all__ = [
     "sparse_backward",
     "sparse_forward",
     "sparse_params",
+    "xl_backward",
+    "xl_check",
+    "xl_diagonals",
+    "xl_forward",
+    "xl_params",
 ]
 
 # Query and key block of every sparse kernel (the layouts must be built for BLOCK x BLOCK).
@@ -51,14 +56,16 @@ _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535
 
-# Threads per block and shared memory of each kernel, as declared by the kernels themselves
-# (csrc/cuda/*.cuh kThreads / kSmemBytes; the launchers reject any other value).
-_THREADS = {"sparse_fwd": 128, "sparse_bwd_dq": 128, "sparse_bwd_dkdv": 128}
-# The C++ struct of each kernel, as it appears in the kernel's (demangled) name.
-KERNEL_STRUCTS = {
-    "sparse_fwd": "SparseForward",
-    "sparse_bwd_dq": "SparseBackwardDq",
-    "sparse_bwd_dkdv": "SparseBackwardDkDv",
+# Threads per block of each kernel (the kThreads of its struct in csrc/cuda/*.cuh; the launchers
+# reject any other value). The kernel named "x" has the entry point effattn_x<E, D>.
+KERNELS = {
+    "sparse_fwd": 128,
+    "sparse_bwd_dq": 128,
+    "sparse_bwd_dkdv": 128,
+    "xl_fwd": 128,
+    "xl_bwd_dkdv": 256,
+    "xl_bwd_dq": 256,
+    "xl_bwd_dr": 256,
 }
 
 
@@ -93,7 +100,55 @@ def smem_bytes(kernel: str, head_dim: int) -> int:
     if kernel == "sparse_bwd_dkdv":
         # K, V, 2 x Q, 2 x dO; 2 x 64 lse and delta (fp32); 2 x 64 row and key flags; 2 x 4 int32
         return 6 * tile + 2 * 2 * BLOCK * 4 + 2 * 2 * BLOCK + 2 * 4 * 4
-    raise ValueError(f"unknown kernel {kernel!r}; expected one of {sorted(_THREADS)}")
+    band = 2 * _tile_bytes(head_dim)  # the 128 rows of r a 64 x 64 tile's distances span
+    if kernel == "xl_fwd":  # q + u, q + vb, K, V; band; fp32 band scratch of 4 warps, 16 x 84
+        return 4 * tile + band + 4 * 16 * 84 * 4
+    # Backward: q + u, q + vb, dO, K, V; band; fp32 scratch of 8 warps (16 x 52); 64 lse and
+    # delta (fp32), 64 row flags; dkdv also 4 x 64 fp32 column sums.
+    base = 5 * tile + band + 8 * 16 * 52 * 4 + 2 * BLOCK * 4 + BLOCK
+    if kernel in ("xl_bwd_dq", "xl_bwd_dr"):
+        return base
+    if kernel == "xl_bwd_dkdv":
+        return base + 4 * BLOCK * 4
+    raise ValueError(f"unknown kernel {kernel!r}; expected one of {sorted(KERNELS)}")
+
+
+def xl_diagonals(n_q: int, n_k: int, window: int | None) -> tuple[int, int]:
+    """(first, count) of the block diagonals (query block - key block) the XL dr kernel visits.
+
+    Tiles of diagonal e read the band of distances M + 64 e - 63 .. M + 64 e + 63
+    (M = n_k - n_q); the diagonals are those whose band meets the allowed distances
+    0 .. window - 1 and that hold at least one tile.
+    """
+    nqb, nkb = -(-n_q // BLOCK), -(-n_k // BLOCK)
+    mem = n_k - n_q
+    win = n_k if window is None else min(window, n_k)
+    first = max(-(nkb - 1), -((mem + BLOCK - 1) // BLOCK))
+    last = min(nqb - 1, (win - 1 - mem + BLOCK - 1) // BLOCK)
+    return first, max(0, last - first + 1)
+
+
+def fold_bands(parts: torch.Tensor, base: int, n_r: int) -> torch.Tensor:
+    """Sum per-diagonal band rows into per-distance rows of r: [B, H, n_diag, 128, ...] ->
+    [H, n_r, ...].
+
+    Band row t of diagonal p holds distance base + 64 p + t (bands of adjacent diagonals overlap
+    by 64 rows); negative distances are dropped (they hold masked zeros) and distances >= n_r - 1
+    all go to row n_r - 1 (clamp_len).
+    """
+    parts = parts.sum(0)
+    h, n_diag = parts.shape[:2]
+    rest = parts.shape[3:]
+    by_dist = parts.new_zeros(h, n_diag + 1, BLOCK, *rest)
+    by_dist[:, :n_diag] += parts[:, :, :BLOCK]
+    by_dist[:, 1:] += parts[:, :, BLOCK:]
+    by_dist = by_dist.reshape(h, (n_diag + 1) * BLOCK, *rest)[:, max(0, -base) :]
+    first = max(0, base)
+    out = parts.new_zeros(h, n_r, *rest)
+    exact = max(0, min(n_r - 1 - first, by_dist.shape[1]))
+    out[:, first : first + exact] = by_dist[:, :exact]
+    out[:, n_r - 1] += by_dist[:, exact:].sum(1)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,17 +170,21 @@ def launch_geometry(
     kv_heads: int,
     n_q: int,
     n_k: int,
+    window: int | None = None,
 ) -> Geometry:
-    """Grid, threads and shared memory of a sparse kernel launch.
+    """Grid, threads and shared memory of a kernel launch.
 
     Args:
-        kernel: "sparse_fwd", "sparse_bwd_dq" or "sparse_bwd_dkdv".
+        kernel: one of KERNELS ("sparse_fwd", "sparse_bwd_dq", "sparse_bwd_dkdv", "xl_fwd",
+            "xl_bwd_dkdv", "xl_bwd_dq", "xl_bwd_dr").
         head_dim: the compiled head dim (64 or 128).
         batch, heads, kv_heads: B, H and Hkv.
-        n_q, n_k: query rows and keys of the part.
+        n_q, n_k: query rows and keys (for XL: L and M + L).
+        window: the XL window (None: unlimited); only xl_bwd_dr depends on it.
 
-    The forward and dq kernels run one block per (query block, batch x head), the dk / dv
-    kernel one per (key block, batch x kv head); the second grid axis is limited to 65535.
+    Forward and dq kernels run one block per (query block, batch x head), dk / dv kernels one
+    per (key block, batch x kv head), the XL dr kernel one per (block diagonal, batch x head);
+    the second grid axis is limited to 65535.
     """
     for name, value in (
         ("batch", batch),
@@ -138,18 +197,20 @@ def launch_geometry(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if heads % kv_heads:
         raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
-    if kernel in ("sparse_fwd", "sparse_bwd_dq"):
+    if kernel in ("sparse_fwd", "sparse_bwd_dq", "xl_fwd", "xl_bwd_dq"):
         grid = (-(-n_q // BLOCK), batch * heads)
-    elif kernel == "sparse_bwd_dkdv":
+    elif kernel in ("sparse_bwd_dkdv", "xl_bwd_dkdv"):
         grid = (-(-n_k // BLOCK), batch * kv_heads)
+    elif kernel == "xl_bwd_dr":
+        grid = (xl_diagonals(n_q, n_k, window)[1], batch * heads)
     else:
-        raise ValueError(f"unknown kernel {kernel!r}; expected one of {sorted(_THREADS)}")
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {sorted(KERNELS)}")
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(
             f"{kernel}: batch x heads = {grid[1]} exceeds the {_MAX_GRID_Y} blocks of a CUDA "
             "grid's second axis; split the batch"
         )
-    return Geometry(grid[0], grid[1], _THREADS[kernel], smem_bytes(kernel, head_dim))
+    return Geometry(grid[0], grid[1], KERNELS[kernel], smem_bytes(kernel, head_dim))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -471,6 +532,115 @@ def run_sparse_backward(
     return dq, dk, dv
 
 
+def contiguous_rows(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``t`` [..., D] contiguous, zero-padded to ``head_dim`` and 16-byte aligned (XL kernels)."""
+    if t.shape[-1] != head_dim:
+        t = torch.nn.functional.pad(t, (0, head_dim - t.shape[-1]))
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def xl_params(
+    *,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    r: torch.Tensor,
+    scale: float,
+    window: int | None,
+    first_diag: int = 0,
+    **tensors: torch.Tensor,
+) -> dict:
+    """The fields of ``CudaXlParams`` (csrc/cuda/params.h).
+
+    Args:
+        q: [B, H, L, Dp]; k: [B, Hkv, N, Dp]; r: [H, R, Dp]; all contiguous (contiguous_rows).
+        scale: score scale; window: None or an int >= 1.
+        first_diag: block diagonal of the first program of the dr kernel (xl_diagonals).
+        tensors: the other buffers by field name (v, u, vb, out, dout, lse, delta, dq, dk, dv,
+            colsum, dr_part, w_part), contiguous.
+    """
+    b, h, n_q, d = q.shape
+    n_k = k.shape[2]
+    fields = dict(
+        q=q.data_ptr(),
+        k=k.data_ptr(),
+        r=r.data_ptr(),
+        batch=b,
+        heads=h,
+        kv_heads=k.shape[1],
+        n_q=n_q,
+        n_k=n_k,
+        n_r=r.shape[1],
+        head_dim=d,
+        window=n_k if window is None else min(int(window), n_k),
+        first_diag=first_diag,
+        dtype=_DTYPE_CODES[q.dtype],
+        scale=float(scale),
+        scale_log2=float(scale) * _LOG2E,
+    )
+    for name, t in tensors.items():
+        fields[name] = t.data_ptr()
+    return fields
+
+
+def run_xl_forward(lib, stream: int, q, k, v, r, u, vb, *, scale, window):
+    """XL forward through ``lib`` (effattn._C or the emulator); arguments as xl_forward."""
+    b, h, n_q, d = q.shape
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.full((b, h, n_q), float("-inf"), device=q.device)
+    dp = padded_head_dim(d)
+    qp, kp, vp, rp, up, vbp = (contiguous_rows(t, dp) for t in (q, k, v, r, u, vb))
+    out = torch.empty(b, h, n_q, dp, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
+    fields = xl_params(
+        q=qp, k=kp, r=rp, scale=scale, window=window, v=vp, u=up, vb=vbp, out=out, lse=lse
+    )
+    geometry = launch_geometry("xl_fwd", head_dim=dp, **_sizes(q, k))
+    _launch(lib, "cuda_xl_forward", fields, geometry, stream, [qp, kp, vp, rp, up, vbp, out, lse])
+    return (out if dp == d else out[..., :d].contiguous()), lse
+
+
+def run_xl_backward(lib, stream: int, q, k, v, r, u, vb, out, dout, lse, delta, *, scale, window):
+    """XL backward through ``lib``; arguments as xl_backward."""
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    n_r = r.shape[1]
+    if q.numel() == 0:
+        return tuple(torch.zeros_like(t) for t in (q, k, v, r, u, vb))
+    dp = padded_head_dim(d)
+    qp, kp, vp, rp, up, vbp, dop = (contiguous_rows(t, dp) for t in (q, k, v, r, u, vb, dout))
+    f32 = dict(dtype=torch.float32, device=q.device)
+    lse = lse.to(torch.float32).contiguous()
+    delta = delta.to(torch.float32).contiguous()
+    dq = torch.empty(b, h, n_q, dp, **f32)
+    dk = torch.empty(b, h_kv, n_k, dp, **f32)
+    dv = torch.empty(b, h_kv, n_k, dp, **f32)
+    colsum = torch.empty(b, h, n_k, **f32)
+    first, n_diag = xl_diagonals(n_q, n_k, window)
+    dr_part = torch.empty(b * h, n_diag, 2 * BLOCK, dp, **f32)
+    w_part = torch.empty(b * h, n_diag, 2 * BLOCK, **f32)
+    buffers = dict(v=vp, u=up, vb=vbp, dout=dop, lse=lse, delta=delta, dq=dq, dk=dk, dv=dv)
+    buffers.update(colsum=colsum, dr_part=dr_part, w_part=w_part)
+    fields = xl_params(q=qp, k=kp, r=rp, scale=scale, window=window, first_diag=first, **buffers)
+    tensors = [qp, kp, rp, *buffers.values()]
+    sizes = _sizes(q, k)
+    for kernel in ("xl_bwd_dkdv", "xl_bwd_dq", "xl_bwd_dr"):
+        if kernel == "xl_bwd_dr" and n_diag == 0:
+            continue
+        geometry = launch_geometry(kernel, head_dim=dp, window=window, **sizes)
+        _launch(lib, f"cuda_{kernel.replace('bwd', 'backward')}", fields, geometry, stream, tensors)
+    base = (n_k - n_q) - (BLOCK - 1) + BLOCK * first
+    dr = fold_bands(dr_part.view(b, h, n_diag, 2 * BLOCK, dp), base, n_r)
+    w = fold_bands(w_part.view(b, h, n_diag, 2 * BLOCK), base, n_r)
+    # dvb = sum over distances of (sum of dS there) r[clamp(distance)]; du = sum over keys of
+    # (sum of dS over queries) k: the position and content halves of dq, summed over rows.
+    dvb = torch.einsum("hr,hrd->hd", w, rp.float())
+    group = h // h_kv
+    du = torch.einsum("bkgn,bknd->kgd", colsum.view(b, h_kv, group, n_k), kp.float())
+    grads = (dq, dk, dv, dr, du.reshape(h, dp), dvb)
+    return tuple(g[..., :d].to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, r, u, vb)))
+
+
 # --------------------------------------------------------------------------- backend contract
 def _lib():
     mod = _extension.load()
@@ -559,4 +729,41 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
         return run_sparse_backward(
             _lib(), _stream(q), q, k, v, dout, lse, delta, layout_fn(BLOCK, BLOCK),
             scale=scale, key_mask=key_mask,
+        )  # fmt: skip
+
+
+def xl_check(q: torch.Tensor) -> None:
+    """Raise ValueError / TypeError for XL inputs the CUDA kernels cannot serve."""
+    _lib()
+    _check_tensor(q)
+    b, h = q.shape[:2]
+    if b * h > _MAX_GRID_Y:
+        raise ValueError(
+            f"batch x heads = {b * h} exceeds the {_MAX_GRID_Y} blocks of a CUDA grid's second axis"
+        )
+
+
+def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None):
+    """Transformer-XL forward. q [B, H, L, D]; k, v [B, Hkv, M + L, D]; r [H, R, D];
+    u, vb [H, D]; CUDA, fp16 or bf16, D <= 128; window None or an int >= 1.
+
+    Returns out [B, H, L, D] (q.dtype) and lse [B, H, L] (fp32).
+    """
+    xl_check(q)
+    with torch.cuda.device(q.device):
+        return run_xl_forward(_lib(), _stream(q), q, k, v, r, u, vb, scale=scale, window=window)
+
+
+def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, window: int | None):
+    """Gradients (dq, dk, dv, dr, du, dvb), shaped and typed like q, k, v, r, u, vb.
+
+    dout [B, H, L, D]; lse [B, H, L] from the forward; delta = rowsum(dout * out) - dlse. dr is
+    reduced over the block diagonals deterministically (no atomics), du and dvb from the kernels'
+    column and band sums of dS.
+    """
+    xl_check(q)
+    with torch.cuda.device(q.device):
+        return run_xl_backward(
+            _lib(), _stream(q), q, k, v, r, u, vb, out, dout, lse, delta,
+            scale=scale, window=window,
         )  # fmt: skip

@@ -78,6 +78,7 @@ enum Op { kSyncWarp = 1, kLdsm, kLdsmTrans, kMmaF16, kMmaBF16, kQuadMax, kQuadSu
 
 struct State {
   int threads = 0;
+  int grid_x = 0;
   int bx = 0, by = 0;
   std::vector<unsigned char> smem;
   std::vector<Fiber> fibers;
@@ -236,6 +237,7 @@ inline std::string run(int grid_x, int grid_y, int threads, int smem_bytes,
                        std::function<void()> body) {
   State& s = state();
   s.threads = threads;
+  s.grid_x = grid_x;
   s.ranges = ranges;
   s.body = std::move(body);
   s.error.clear();
@@ -316,6 +318,7 @@ namespace dev {
 inline int thread_id() { return emu::state().current; }
 inline int block_x() { return emu::state().bx; }
 inline int block_y() { return emu::state().by; }
+inline int block_x_count() { return emu::state().grid_x; }
 inline void sync_block() { emu::block_barrier(); }
 inline void sync_warp() {
   emu::collective(emu::kSyncWarp, [](emu::Warp&) {});

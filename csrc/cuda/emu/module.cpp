@@ -12,6 +12,8 @@
 #include "cuda/launch.h"
 #include "cuda/sparse_bwd.cuh"
 #include "cuda/sparse_fwd.cuh"
+#include "cuda/xl_bwd.cuh"
+#include "cuda/xl_fwd.cuh"
 
 namespace py = pybind11;
 
@@ -29,26 +31,34 @@ void emulate(const P& p, const Launch& l, const char* what) {
   if (!err.empty()) throw std::runtime_error(std::string(what) + ": " + err);
 }
 
-void sparse_forward_emu(const SparseParams& p, const Launch& l) {
-  dispatch(p.dtype, p.head_dim, "sparse_forward", [&](auto e, auto d) {
-    emulate<SparseForward<decltype(e), decltype(d)::value>>(p, l, "sparse_forward");
-  });
-}
-void sparse_backward_dq_emu(const SparseParams& p, const Launch& l) {
-  dispatch(p.dtype, p.head_dim, "sparse_backward_dq", [&](auto e, auto d) {
-    emulate<SparseBackwardDq<decltype(e), decltype(d)::value>>(p, l, "sparse_backward_dq");
-  });
-}
-void sparse_backward_dkdv_emu(const SparseParams& p, const Launch& l) {
-  dispatch(p.dtype, p.head_dim, "sparse_backward_dkdv", [&](auto e, auto d) {
-    emulate<SparseBackwardDkDv<decltype(e), decltype(d)::value>>(p, l, "sparse_backward_dkdv");
-  });
-}
+// One emulated launcher per kernel, dispatching like the GPU launchers of csrc/cuda/*.cu.
+#define EFFATTN_EMULATED(fn, Op, P)                                                \
+  void fn(const P& p, const Launch& l) {                                           \
+    dispatch(p.dtype, p.head_dim, #fn, [&](auto e, auto d) {                        \
+      emulate<Op<decltype(e), decltype(d)::value>>(p, l, #fn);                      \
+    });                                                                            \
+  }
+namespace emulated {
+EFFATTN_EMULATED(sparse_forward, SparseForward, SparseParams)
+EFFATTN_EMULATED(sparse_backward_dq, SparseBackwardDq, SparseParams)
+EFFATTN_EMULATED(sparse_backward_dkdv, SparseBackwardDkDv, SparseParams)
+EFFATTN_EMULATED(xl_forward, XlForward, XlParams)
+EFFATTN_EMULATED(xl_backward_dkdv, XlBackwardDkDv, XlParams)
+EFFATTN_EMULATED(xl_backward_dq, XlBackwardDq, XlParams)
+EFFATTN_EMULATED(xl_backward_dr, XlBackwardDr, XlParams)
+}  // namespace emulated
+#undef EFFATTN_EMULATED
 
+using SparseFn = void (*)(const SparseParams&, const Launch&);
+using XlFn = void (*)(const XlParams&, const Launch&);
 struct Launchers {
-  void (*sparse_forward)(const SparseParams&, const Launch&) = &sparse_forward_emu;
-  void (*sparse_backward_dq)(const SparseParams&, const Launch&) = &sparse_backward_dq_emu;
-  void (*sparse_backward_dkdv)(const SparseParams&, const Launch&) = &sparse_backward_dkdv_emu;
+  SparseFn sparse_forward = &emulated::sparse_forward;
+  SparseFn sparse_backward_dq = &emulated::sparse_backward_dq;
+  SparseFn sparse_backward_dkdv = &emulated::sparse_backward_dkdv;
+  XlFn xl_forward = &emulated::xl_forward;
+  XlFn xl_backward_dkdv = &emulated::xl_backward_dkdv;
+  XlFn xl_backward_dq = &emulated::xl_backward_dq;
+  XlFn xl_backward_dr = &emulated::xl_backward_dr;
 };
 
 }  // namespace
