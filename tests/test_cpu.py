@@ -1,0 +1,318 @@
+"""C++ CPU backend (effattn.ops.cpu, csrc/cpu/): every result against the dense references.
+
+fp32 results are held to the error of the reference computed in fp32 itself: for each of out,
+lse and the gradients, |cpu - ref64| <= 2 |ref32 - ref64| + a floor of 1e-6 x the largest
+|ref64|. The floor is the one error the dense reference does not have: a flash-style backward
+recomputes probabilities from the stored fp32 LSE, whose rounding (|lse| 2^-24, about 1e-6 for
+|lse| near 8) is a relative error of every probability and so of the gradients (without it dq
+measures up to 3.5x the reference's error here). fp64 runs are compared tightly and
+through torch.autograd.gradcheck. Decomposed plans are forced at small n by shrinking the
+kernels' blocks to 16 (the smallest tile they take).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import effattn
+from effattn import _extension, patterns, reference
+from effattn.decompose import plan
+
+pytestmark = pytest.mark.skipif(
+    not _extension.has_cpu(), reason=f"C++ CPU kernels not built: {_extension.load_error}"
+)
+
+if _extension.has_cpu():
+    from effattn.ops import cpu
+
+    ISAS = cpu.isas()
+else:  # pragma: no cover - the whole module is skipped
+    cpu, ISAS = None, []
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(cpu, "BLOCK_M", 16)
+    monkeypatch.setattr(cpu, "BLOCK_N", 16)
+
+
+# --------------------------------------------------------------------------- helpers
+def _run(fn, inputs, seed=1):
+    """(out, lse, *grads of inputs) for a random cotangent on out and on the finite lse."""
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    out, lse = fn(*xs)
+    g = torch.Generator().manual_seed(seed)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.dtype)
+    finite = torch.isfinite(lse)
+    loss = (out * dout).sum() + torch.where(finite, lse, 0).mul(dlse).sum()
+    loss.backward()
+    return [out.detach(), lse.detach()] + [x.grad for x in xs]
+
+
+def _compare_fp32(fn_cpu, fn_ref, inputs64, names):
+    """Compare fp32 cpu results with the fp64 reference within twice the fp32 reference's error."""
+    got = _run(fn_cpu, [x.float() for x in inputs64])
+    ref32 = _run(fn_ref, [x.float() for x in inputs64])
+    ref64 = _run(fn_ref, inputs64)
+    for name, a, r32, r64 in zip(("out", "lse", *names), got, ref32, ref64, strict=True):
+        if name == "lse":
+            # Rows without a visible key: -inf exactly, in both.
+            inf = torch.isinf(r64)
+            assert torch.equal(torch.isinf(a), inf) and torch.equal(a[inf], r64[inf].float())
+            a, r32, r64 = a[~inf], r32[~inf], r64[~inf]
+        err = (a.double() - r64).abs().max().item() if a.numel() else 0.0
+        base = (r32.double() - r64).abs().max().item() if a.numel() else 0.0
+        floor = 1e-6 * max(1.0, r64.abs().max().item() if a.numel() else 0.0)
+        assert err <= 2 * base + floor, f"{name}: error {err:.3g} vs fp32 reference {base:.3g}"
+
+
+def _qkv(b, h, h_kv, n_q, n_k, d, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n_q, d, generator=g, dtype=dtype)
+    k = torch.randn(b, h_kv, n_k, d, generator=g, dtype=dtype)
+    v = torch.randn(b, h_kv, n_k, d, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def _padding(b, n_k, seed=0):
+    """Random 20% of keys hidden, and in batch 1 the first 40: its first queries see nothing."""
+    g = torch.Generator().manual_seed(seed)
+    kpm = torch.rand(b, n_k, generator=g) < 0.2
+    kpm[1, :40] = True
+    return kpm
+
+
+def _sparse(pattern, kpm, backend):
+    def fn(q, k, v):
+        return effattn.sparse_attention(
+            q, k, v, pattern, key_padding_mask=kpm, backend=backend, return_lse=True
+        )
+
+    return fn
+
+
+def _xl(window, backend, scale=None):
+    def fn(q, k, v, r, u, vb):
+        return effattn.xl_attention(
+            q, k, v, r, u, vb, scale=scale, window=window, backend=backend, return_lse=True
+        )
+
+    return fn
+
+
+def _xl_inputs(b, h, h_kv, n_q, mem, d, r_len, seed=0, dtype=torch.float64):
+    q, k, v = _qkv(b, h, h_kv, n_q, mem + n_q, d, seed, dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    r = torch.randn(h, r_len, d, generator=g, dtype=dtype)
+    u = torch.randn(h, d, generator=g, dtype=dtype)
+    vb = torch.randn(h, d, generator=g, dtype=dtype)
+    return q, k, v, r, u, vb
+
+
+# --------------------------------------------------------------------------- sparse
+SPARSE_PATTERNS = [
+    patterns.causal(),
+    patterns.full(),
+    patterns.local(24),
+    patterns.local(20, causal=False),
+    patterns.strided(16),
+    patterns.strided(24, causal=False),
+    patterns.fixed(32, 4),
+    patterns.fixed(16, 4, num_patterns=2),
+    patterns.fixed(32, 8, causal=False),
+    patterns.union(patterns.local(8), patterns.strided(32)),
+    patterns.per_head(patterns.strided(16), patterns.local(24)),
+]
+DECOMPOSED = {"strided", "fixed"}
+
+
+@pytest.mark.parametrize("pattern", SPARSE_PATTERNS, ids=lambda p: p.name)
+def test_sparse_vs_reference(pattern, small_blocks):
+    """Ragged sizes, n_q < n_k, GQA, D = 41, key padding with empty rows; plans decomposed."""
+    b, h, h_kv, n_q, n_k, d = 2, 4, 2, 170, 200, 41
+    if pattern.kind is not None and pattern.kind[0] in DECOMPOSED:
+        assert len(plan(pattern, n_q, n_k, 16, 16)) > 1, "the test should run a decomposed plan"
+    kpm = _padding(b, n_k)
+    _compare_fp32(
+        _sparse(pattern, kpm, "cpu"),
+        _sparse(pattern, kpm, "reference"),
+        list(_qkv(b, h, h_kv, n_q, n_k, d)),
+        ("dq", "dk", "dv"),
+    )
+
+
+def test_sparse_custom_mask(small_blocks):
+    """from_mask patterns: partial blocks read the stored tiles."""
+    n_q, n_k = 70, 90
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(2, n_q, n_k, generator=g) < 0.3
+    mask[:, 5] = False  # a row without keys
+    pattern = patterns.from_mask(mask)
+    _compare_fp32(
+        _sparse(pattern, None, "cpu"),
+        _sparse(pattern, None, "reference"),
+        list(_qkv(1, 4, 4, n_q, n_k, 16, seed=3)),
+        ("dq", "dk", "dv"),
+    )
+
+
+@pytest.mark.parametrize("pattern", [patterns.strided(64), patterns.fixed(64, 8)], ids=str)
+def test_sparse_default_blocks(pattern):
+    """The shipped block sizes, D = 80, n not a multiple of the block, no padding."""
+    _compare_fp32(
+        _sparse(pattern, None, "cpu"),
+        _sparse(pattern, None, "reference"),
+        list(_qkv(1, 2, 2, 300, 300, 80, seed=4)),
+        ("dq", "dk", "dv"),
+    )
+
+
+def test_sparse_fp64_exact(small_blocks):
+    pattern = patterns.fixed(32, 4, num_patterns=2)
+    b, n = 2, 150
+    kpm = _padding(b, n)
+    inputs = list(_qkv(b, 4, 2, n, n, 24, seed=5))
+    got = _run(_sparse(pattern, kpm, "cpu"), inputs)
+    ref = _run(_sparse(pattern, kpm, "reference"), inputs)
+    for a, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [patterns.fixed(16, 4), patterns.strided(16, causal=False), patterns.local(20)],
+    ids=str,
+)
+def test_sparse_gradcheck(pattern, small_blocks):
+    q, k, v = _qkv(1, 2, 1, 40, 44, 16, seed=6)
+    kpm = torch.zeros(1, 44, dtype=torch.bool)
+    kpm[0, 7] = True
+
+    def fn(q, k, v):
+        return effattn.sparse_attention(q, k, v, pattern, key_padding_mask=kpm, backend="cpu")
+
+    inputs = [x.requires_grad_() for x in (q, k, v)]
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+def test_sparse_auto_picks_cpu():
+    assert "cpu" in effattn.backends()
+    q, k, v = _qkv(1, 2, 2, 100, 100, 32, dtype=torch.float32)
+    pattern = patterns.strided(16)
+    auto = effattn.sparse_attention(q, k, v, pattern)
+    assert torch.equal(auto, effattn.sparse_attention(q, k, v, pattern, backend="cpu"))
+
+
+def test_sparse_bf16_computed_in_fp32():
+    """bf16 inputs: computed in fp32, only the output is rounded to bf16."""
+    q, k, v = _qkv(1, 2, 2, 100, 100, 32, dtype=torch.bfloat16)
+    pattern = patterns.fixed(32, 4)
+    out = effattn.sparse_attention(q, k, v, pattern, backend="cpu")
+    assert out.dtype == torch.bfloat16
+    ref = reference.attention(q.float(), k.float(), v.float(), pattern)
+    eps = torch.finfo(torch.bfloat16).eps
+    assert (out.float() - ref).abs().max() <= eps * ref.abs().max()
+
+
+# --------------------------------------------------------------------------- Transformer-XL
+XL_CASES = {
+    "gqa": (2, 4, 2, 37, 50, 41, 100, None),
+    "clamp": (1, 2, 2, 70, 90, 24, 20, None),
+    "clamp-d80": (1, 1, 1, 130, 150, 80, 5, None),
+    "window-gqa": (1, 2, 1, 70, 90, 24, 200, 33),
+    "window-1": (1, 2, 2, 20, 10, 16, 40, 1),
+    "decode-L1": (2, 2, 2, 1, 90, 16, 30, None),
+    "no-memory": (1, 2, 2, 45, 0, 32, 64, None),
+}
+
+
+@pytest.mark.parametrize("case", XL_CASES.values(), ids=XL_CASES.keys())
+def test_xl_vs_reference(case):
+    b, h, h_kv, n_q, mem, d, r_len, window = case
+    _compare_fp32(
+        _xl(window, "cpu"),
+        _xl(window, "reference"),
+        list(_xl_inputs(b, h, h_kv, n_q, mem, d, r_len)),
+        ("dq", "dk", "dv", "dr", "du", "dvb"),
+    )
+
+
+def test_xl_gradcheck():
+    inputs = [x.requires_grad_() for x in _xl_inputs(1, 2, 1, 9, 7, 16, 5, seed=7)]
+
+    def fn(*xs):
+        return effattn.xl_attention(*xs, window=12, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+# --------------------------------------------------------------------------- determinism, ISAs
+def _with_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_same_result_with_1_and_2_threads(small_blocks):
+    """Bitwise: forward tasks own their rows; backward segments and reductions do not depend on
+    the thread count (B x Hkv = 2 here, so the backward runs several key segments)."""
+    pattern = patterns.fixed(32, 4)
+    kpm = _padding(2, 200)
+    sparse_in = [x.float() for x in _qkv(2, 2, 1, 200, 200, 24)]
+    xl_in = [x.float() for x in _xl_inputs(1, 2, 1, 70, 90, 24, 50)]
+    for fn, inputs in ((_sparse(pattern, kpm, "cpu"), sparse_in), (_xl(40, "cpu"), xl_in)):
+        one = _with_threads(1, lambda fn=fn, inputs=inputs: _run(fn, inputs))
+        two = _with_threads(2, lambda fn=fn, inputs=inputs: _run(fn, inputs))
+        for a, b in zip(one, two, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_instruction_set(isa, monkeypatch, small_blocks):
+    """Each compiled instruction set that runs here (AVX-512, AVX2, baseline), fp32 and fp64."""
+    monkeypatch.setattr(cpu, "ISA", isa)
+    pattern = patterns.strided(16)
+    kpm = _padding(2, 120)
+    inputs = list(_qkv(2, 2, 1, 100, 120, 40, seed=8))
+    _compare_fp32(
+        _sparse(pattern, kpm, "cpu"), _sparse(pattern, kpm, "reference"), inputs, "dq dk dv".split()
+    )
+    got = _run(_sparse(pattern, kpm, "cpu"), inputs)
+    ref = _run(_sparse(pattern, kpm, "reference"), inputs)
+    for a, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-11)
+    xl_inputs = list(_xl_inputs(1, 2, 1, 30, 20, 40, 25, seed=8))
+    _compare_fp32(_xl(None, "cpu"), _xl(None, "reference"), xl_inputs, "dq dk dv dr du dvb".split())
+
+
+# --------------------------------------------------------------------------- errors
+def test_errors():
+    q, k, v = _qkv(1, 2, 2, 20, 20, 16, dtype=torch.float32)
+    lay = patterns.causal().layout(20, 20, cpu.BLOCK_M, cpu.BLOCK_N)
+    with pytest.raises(TypeError, match="q must be fp16, bf16, fp32 or fp64"):
+        cpu.check(q.int(), k.int(), v.int())
+    with pytest.raises(TypeError, match="k must have q's dtype"):
+        cpu.check(q, k.double(), v)
+    with pytest.raises(TypeError, match="key_mask must be a bool tensor"):
+        cpu.sparse_forward(q, k, v, lambda m, n: lay, scale=1.0, key_mask=torch.zeros(1, 2, 20))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        cpu.sparse_forward(
+            q, k, v, lambda m, n: lay, scale=1.0, key_mask=torch.zeros(3, 2, 20, dtype=torch.bool)
+        )
+    xq, xk, xv, r, u, vb = _xl_inputs(1, 2, 2, 10, 5, 16, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"r must be \[H, R >= 1, D\]"):
+        cpu.xl_forward(xq, xk, xv, r[:1], u, vb, scale=1.0)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        cpu.xl_forward(xq, xk, xv, r, u, vb, scale=1.0, window=0)
+
+
+def test_unknown_instruction_set(monkeypatch):
+    monkeypatch.setattr(cpu, "ISA", "sve9")
+    q, k, v = _qkv(1, 1, 1, 20, 20, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="sve9"):
+        effattn.sparse_attention(q, k, v, patterns.causal(), backend="cpu")
