@@ -29,6 +29,7 @@ import torch
 import effattn
 from effattn import patterns as P
 from effattn import reference
+from effattn.decompose import plan
 from effattn.ops import cuda as ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,57 +227,39 @@ def _inputs(b, h, h_kv, n_q, n_k, d, dtype, seed=0):
     return q, k, v
 
 
-def _emulated_sparse(emu, pattern, q, k, v, kpm=None, with_lse_grad=True, seed=1):
-    """Forward and backward of sparse_attention's plan, every part through the emulated kernels
-    (the merge and gather of effattn.functional, with this backend's kernels in place)."""
-    from effattn import functional as F
+@pytest.fixture
+def emulated(emu, monkeypatch):
+    """backend="cuda" on CPU tensors, served by the emulated kernels: effattn's public functions
+    (validation, plans, merges, custom ops, autograd) run unchanged around them."""
 
-    class Backend:
-        check = staticmethod(lambda q, k, v: None)
-        plan_blocks = staticmethod(ops.plan_blocks)
+    def check(q, k=None, v=None):
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"the cuda backend takes fp16 or bf16 tensors, got {q.dtype}")
+        ops.padded_head_dim(q.shape[-1])
 
-        @staticmethod
-        def sparse_forward(q, k, v, layout_fn, *, scale, key_mask=None):
-            lay = layout_fn(ops.BLOCK, ops.BLOCK)
-            return ops.run_sparse_forward(emu, 0, q, k, v, lay, scale=scale, key_mask=key_mask)
+    def sparse_forward(q, k, v, layout_fn, *, scale, key_mask=None):
+        lay = layout_fn(ops.BLOCK, ops.BLOCK)
+        return ops.run_sparse_forward(emu, 0, q, k, v, lay, scale=scale, key_mask=key_mask)
 
-        @staticmethod
-        def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale, key_mask=None):
-            lay = layout_fn(ops.BLOCK, ops.BLOCK)
-            return ops.run_sparse_backward(
-                emu, 0, q, k, v, dout, lse, delta, lay, scale=scale, key_mask=key_mask
-            )
-
-    scale = q.shape[-1] ** -0.5
-    orig = F._module
-    F._module = lambda table, name: Backend if name == "emu" else orig(table, name)
-    try:
-        out, lse = F._run_forward(q, k, v, kpm, pattern, scale, "emu")
-        g = torch.Generator().manual_seed(seed)
-        dout = torch.randn(out.shape, generator=g).to(q.dtype)
-        finite = torch.isfinite(lse)
-        dlse = (
-            torch.randn(lse.shape, generator=g).masked_fill(~finite, 0) if with_lse_grad else None
+    def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale, key_mask=None):
+        lay = layout_fn(ops.BLOCK, ops.BLOCK)
+        return ops.run_sparse_backward(
+            emu, 0, q, k, v, dout, lse, delta, lay, scale=scale, key_mask=key_mask
         )
-        grads = F._run_backward(dout, dlse, q, k, v, out, lse, kpm, pattern, scale, "emu")
-    finally:
-        F._module = orig
-    return out, lse, dout, dlse, grads
 
+    def xl_forward(*args, scale, window):
+        return ops.run_xl_forward(emu, 0, *args, scale=scale, window=window)
 
-def _reference(pattern, q, k, v, kpm, dout, dlse):
-    h = q.shape[1]
-    mask = pattern.mask(q.shape[2], k.shape[2], h).unsqueeze(0)
-    if kpm is not None:
-        mask = mask & ~kpm[:, None, None]
-    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
-    out, lse = reference.attention(qd, kd, vd, mask, return_lse=True)
-    finite = torch.isfinite(lse)
-    loss = (out * dout.double()).sum()
-    if dlse is not None:
-        loss = loss + (torch.where(finite, lse, 0) * dlse.double()).sum()
-    grads = torch.autograd.grad(loss, (qd, kd, vd))
-    return out, lse, grads
+    def xl_backward(*args, scale, window):
+        return ops.run_xl_backward(emu, 0, *args, scale=scale, window=window)
+
+    monkeypatch.setattr(ops, "check", check)
+    monkeypatch.setattr(ops, "xl_check", check)
+    monkeypatch.setattr(ops, "sparse_forward", sparse_forward)
+    monkeypatch.setattr(ops, "sparse_backward", sparse_backward)
+    monkeypatch.setattr(ops, "xl_forward", xl_forward)
+    monkeypatch.setattr(ops, "xl_backward", xl_backward)
+    return emu
 
 
 def _assert_close(name, got, want, dtype):
@@ -287,43 +270,85 @@ def _assert_close(name, got, want, dtype):
     assert err <= tol * scale, f"{name}: max abs error {err:.3g} (scale {scale:.3g})"
 
 
-EMU_CASES = [
-    # pattern, b, h, h_kv, n_q, n_k, d, dtype, key padding
-    (P.causal(), 1, 2, 1, 100, 100, 64, torch.float16, False),
-    (P.full(), 1, 1, 1, 70, 130, 128, torch.bfloat16, True),
-    (P.strided(24), 1, 2, 2, 150, 150, 64, torch.bfloat16, False),
-    (P.fixed(32, 4, num_patterns=2), 1, 2, 1, 130, 130, 41, torch.float16, True),
-    (P.local(20, causal=False), 2, 1, 1, 90, 90, 80, torch.float16, False),
-    (
-        P.from_mask(torch.rand(1, 70, 100, generator=torch.Generator().manual_seed(3)) < 0.2),
-        1,
-        1,
-        1,
-        70,
-        100,
-        64,
-        torch.float16,
-        False,
-    ),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: f"{c[0].name[:24]}-d{c[6]}-{c[7]}")
-def test_emulated_kernels_match_reference(emu, case):
-    pattern, b, h, h_kv, n_q, n_k, d, dtype, padding = case
-    q, k, v = _inputs(b, h, h_kv, n_q, n_k, d, dtype)
-    kpm = None
-    if padding:
-        kpm = torch.rand(b, n_k, generator=torch.Generator().manual_seed(5)) < 0.2
-    out, lse, dout, dlse, grads = _emulated_sparse(emu, pattern, q, k, v, kpm)
-    ref_out, ref_lse, ref_grads = _reference(pattern, q, k, v, kpm, dout, dlse)
+def check_sparse(pattern, b, h, h_kv, n_q, n_k, d, dtype, kpm=None, backend="cuda", seed=0):
+    """sparse_attention through `backend` against the fp64 reference: out, lse and the gradients
+    of a loss on both (the merge's backward uses both)."""
+    q, k, v = _inputs(b, h, h_kv, n_q, n_k, d, dtype, seed)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = effattn.sparse_attention(
+        q, k, v, pattern, key_padding_mask=kpm, backend=backend, return_lse=True
+    )
+    mask = pattern.mask(n_q, n_k, h, device=q.device).unsqueeze(0)
+    if kpm is not None:
+        mask = mask & ~kpm[:, None, None]
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference.attention(*ref_in, mask, return_lse=True)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     finite = torch.isfinite(ref_lse)
     _assert_close("out", out, ref_out, dtype)
     _assert_close("lse", lse[finite], ref_lse[finite], dtype)
+    g = torch.Generator(device=q.device).manual_seed(seed + 1)
+    dout = torch.randn(out.shape, generator=g, device=q.device).to(dtype)
+    dlse = torch.randn(lse.shape, generator=g, device=q.device).masked_fill(~finite, 0)
+
+    def loss(o, s):
+        return (o.double() * dout.double()).sum() + (torch.where(finite, s, 0) * dlse).sum()
+
+    grads = torch.autograd.grad(loss(out, lse), (q, k, v))
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), ref_in)
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert got.dtype == dtype, name
         _assert_close(name, got, want, dtype)
+
+
+def _padding(b, n_k, seed=5, empty_batch=None):
+    kpm = torch.rand(b, n_k, generator=torch.Generator().manual_seed(seed)) < 0.2
+    if empty_batch is not None:
+        kpm[empty_batch] = True  # every key hidden: zero rows, lse -inf, zero gradients
+    return kpm
+
+
+def _random_mask(h, n_q, n_k, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(h, n_q, n_k, generator=g) < density
+
+
+# The matrix of the emulated runs (and, with larger sizes, of the GPU runs): natural and
+# decomposed plans (strided / fixed, several head classes), ragged sizes, GQA, key padding,
+# rows with no visible key, custom masks (stored tiles), both dtypes, padded head dims.
+EMU_CASES = [
+    # pattern, b, h, h_kv, n_q, n_k, d, dtype, key padding (None, "random" or "empty")
+    (P.causal(), 1, 2, 1, 100, 100, 64, torch.float16, None),
+    (P.full(), 1, 1, 1, 70, 130, 128, torch.bfloat16, "random"),
+    (P.local(20, causal=False), 2, 1, 1, 90, 90, 80, torch.float16, "empty"),
+    (P.strided(24), 1, 2, 2, 150, 150, 64, torch.bfloat16, None),
+    (P.strided(32), 1, 1, 1, 512, 512, 64, torch.float16, None),  # decomposed
+    (P.strided(16, causal=False), 1, 2, 1, 256, 256, 41, torch.bfloat16, "random"),  # decomposed
+    (P.fixed(32, 4, num_patterns=2), 1, 2, 1, 320, 320, 64, torch.float16, "random"),  # decomposed
+    (P.fixed(64, 8, 2, causal=False), 1, 2, 2, 400, 400, 64, torch.float16, None),  # decomposed
+    (P.per_head(P.strided(5), P.local(7)), 1, 4, 2, 130, 130, 128, torch.float16, None),
+    (P.union(P.local(3), P.fixed(10, 2)), 1, 1, 1, 33, 200, 64, torch.bfloat16, "random"),
+    (P.from_mask(_random_mask(1, 70, 100, 0.2, 3)), 1, 1, 1, 70, 100, 64, torch.float16, None),
+    (P.from_mask(_random_mask(2, 90, 90, 0.1, 4)), 1, 2, 1, 90, 90, 64, torch.bfloat16, "empty"),
+    (P.causal(), 1, 1, 1, 1, 77, 64, torch.float16, None),  # decoding: one query
+]
+
+
+def test_emulated_cases_cover_decomposed_plans():
+    decomposed = [c for c in EMU_CASES if len(plan(c[0], c[4], c[5], 64, 64)) > 1]
+    assert len(decomposed) >= 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case", EMU_CASES, ids=lambda c: f"{c[0].name[:28]}-{c[4]}x{c[5]}-d{c[6]}-{str(c[7])[6:]}"
+)
+def test_emulated_sparse_attention_matches_reference(emulated, case):
+    pattern, b, h, h_kv, n_q, n_k, d, dtype, padding = case
+    kpm = (
+        None if padding is None else _padding(b, n_k, empty_batch=0 if padding == "empty" else None)
+    )
+    check_sparse(pattern, b, h, h_kv, n_q, n_k, d, dtype, kpm)
 
 
 # --------------------------------------------------------------------------- Transformer-XL
@@ -389,24 +414,31 @@ def _xl_inputs(b, h, h_kv, n_q, mem, n_r, d, dtype, seed=0):
     return q, k, v, rnd(h, n_r, d), rnd(h, d), rnd(h, d)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", XL_CASES, ids=lambda c: f"L{c[3]}-M{c[4]}-R{c[5]}-d{c[6]}-w{c[8]}")
-def test_emulated_xl_kernels_match_reference(emu, case):
-    b, h, h_kv, n_q, mem, n_r, d, dtype, window = case
-    inputs = _xl_inputs(b, h, h_kv, n_q, mem, n_r, d, dtype)
-    scale = d**-0.5
-    out, lse = ops.run_xl_forward(emu, 0, *inputs, scale=scale, window=window)
-    g = torch.Generator().manual_seed(1)
-    dout = torch.randn(out.shape, generator=g).to(dtype)
-    dlse = torch.randn(lse.shape, generator=g)
-    delta = (dout.float() * out.float()).sum(-1) - dlse
-    grads = ops.run_xl_backward(emu, 0, *inputs, out, dout, lse, delta, scale=scale, window=window)
-    ref_in = [t.double().requires_grad_() for t in inputs]
-    ref_out, ref_lse = reference.xl_attention(*ref_in, scale=scale, window=window, return_lse=True)
+def check_xl(b, h, h_kv, n_q, mem, n_r, d, dtype, window, backend="cuda", device="cpu"):
+    """xl_attention through `backend` against the fp64 reference, gradients of all six inputs."""
+    inputs = [
+        t.to(device).requires_grad_() for t in _xl_inputs(b, h, h_kv, n_q, mem, n_r, d, dtype)
+    ]
+    out, lse = effattn.xl_attention(*inputs, window=window, backend=backend, return_lse=True)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref_out, ref_lse = reference.xl_attention(*ref_in, window=window, return_lse=True)
     _assert_close("out", out, ref_out, dtype)
     _assert_close("lse", lse, ref_lse, dtype)
-    loss = (ref_out * dout.double()).sum() + (ref_lse * dlse.double()).sum()
-    ref_grads = torch.autograd.grad(loss, ref_in)
+    g = torch.Generator(device=device).manual_seed(1)
+    dout = torch.randn(out.shape, generator=g, device=device).to(dtype)
+    dlse = torch.randn(lse.shape, generator=g, device=device)
+
+    def loss(o, s):
+        return (o.double() * dout.double()).sum() + (s.double() * dlse.double()).sum()
+
+    grads = torch.autograd.grad(loss(out, lse), inputs)
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), ref_in)
     for name, got, want in zip(("dq", "dk", "dv", "dr", "du", "dvb"), grads, ref_grads):
         assert got.dtype == dtype and got.shape == want.shape, name
         _assert_close(name, got, want, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", XL_CASES, ids=lambda c: f"L{c[3]}-M{c[4]}-R{c[5]}-d{c[6]}-w{c[8]}")
+def test_emulated_xl_attention_matches_reference(emulated, case):
+    check_xl(*case)
