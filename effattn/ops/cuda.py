@@ -468,6 +468,16 @@ def _launch(lib, name: str, fields: dict, geometry: Geometry, stream: int, tenso
     getattr(lib, name)(params, launch)
 
 
+def _check_layout_size(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor) -> None:
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    if (layout.n_q, layout.n_k) != (q.shape[2], k.shape[2]):
+        raise ValueError(
+            f"the layout is for n_q={layout.n_q}, n_k={layout.n_k}; the tensors have "
+            f"n_q={q.shape[2]}, n_k={k.shape[2]}"
+        )
+
+
 def _sizes(q, k) -> dict:
     b, h, n_q, _ = q.shape
     return dict(batch=b, heads=h, kv_heads=k.shape[1], n_q=n_q, n_k=k.shape[2])
@@ -484,6 +494,7 @@ def run_sparse_forward(lib, stream: int, q, k, v, layout: BlockLayout, *, scale,
         return out, torch.full((b, h, n_q), float("-inf"), device=q.device)
     out = torch.empty(b, h, n_q, dp, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
+    _check_layout_size(layout, q, k)
     qp, kp, vp = (prepare_rows(t, dp) for t in (q, k, v))
     packed = pack_layout(layout, q.device)
     fields = sparse_params(
@@ -511,6 +522,7 @@ def run_sparse_backward(
     dq = torch.empty(b, h, n_q, dp, dtype=torch.float32, device=q.device)
     dk = torch.empty(b, h_kv, n_k, dp, dtype=torch.float32, device=q.device)
     dv = torch.empty(b, h_kv, n_k, dp, dtype=torch.float32, device=q.device)
+    _check_layout_size(layout, q, k)
     qp, kp, vp, dop = (prepare_rows(t, dp) for t in (q, k, v, dout))
     lse = lse.to(torch.float32).contiguous()
     delta = delta.to(torch.float32).contiguous()
