@@ -29,6 +29,8 @@ void register_cuda(py::module_& m) {
         "Visible CUDA devices (0 when no driver or device is present).");
   m.def("cuda_runtime_version", &cuda::runtime_version,
         "CUDA runtime version the extension was built with (e.g. 13000).");
+  m.def("cuda_max_shared_memory_optin", &cuda::max_shared_memory_optin, py::arg("device"),
+        "Shared memory (bytes) a block may use on `device` after opting in.");
   cuda::bind_params(m);
   cuda::bind_launchers(m, Launchers{});
 }

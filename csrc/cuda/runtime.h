@@ -12,5 +12,9 @@ int device_count();
 // CUDA runtime version the extension was built with (e.g. 13000), from cudaRuntimeGetVersion.
 int runtime_version();
 
+// Shared memory a block of `device` may use after opting in
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin); throws std::runtime_error on a CUDA error.
+int max_shared_memory_optin(int device);
+
 }  // namespace cuda
 }  // namespace effattn

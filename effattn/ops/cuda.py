@@ -683,6 +683,21 @@ def _check_tensor(q: torch.Tensor) -> None:
     padded_head_dim(q.shape[-1])
 
 
+def _check_smem(q: torch.Tensor, kernels: tuple[str, ...]) -> None:
+    """Refuse clearly when the device cannot give a kernel its shared memory (e.g. the 99 KiB
+    per block of sm_86 / sm_89 against the 100+ KiB of the D = 128 kernels)."""
+    limit = _lib().cuda_max_shared_memory_optin(q.device.index)
+    dp = padded_head_dim(q.shape[-1])
+    for kernel in kernels:
+        need = smem_bytes(kernel, dp)
+        if need > limit:
+            raise ValueError(
+                f"the cuda backend's {kernel} kernel needs {need} bytes of shared memory per "
+                f"block for head dim {dp}; {torch.cuda.get_device_name(q.device)} allows "
+                f"{limit}; use backend='triton'"
+            )
+
+
 def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise for what the CUDA kernels cannot serve (q, k, v already validated together)."""
     _lib()
@@ -717,6 +732,7 @@ def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None):
         query sees no key.
     """
     check(q, k, v)
+    _check_smem(q, ("sparse_fwd",))
     with torch.cuda.device(q.device):
         return run_sparse_forward(
             _lib(), _stream(q), q, k, v, layout_fn(BLOCK, BLOCK), scale=scale, key_mask=key_mask
@@ -737,6 +753,7 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
         rounding to the input dtype in between).
     """
     check(q, k, v)
+    _check_smem(q, ("sparse_bwd_dq", "sparse_bwd_dkdv"))
     with torch.cuda.device(q.device):
         return run_sparse_backward(
             _lib(), _stream(q), q, k, v, dout, lse, delta, layout_fn(BLOCK, BLOCK),
@@ -762,6 +779,7 @@ def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None):
     Returns out [B, H, L, D] (q.dtype) and lse [B, H, L] (fp32).
     """
     xl_check(q)
+    _check_smem(q, ("xl_fwd",))
     with torch.cuda.device(q.device):
         return run_xl_forward(_lib(), _stream(q), q, k, v, r, u, vb, scale=scale, window=window)
 
@@ -774,6 +792,7 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
     column and band sums of dS.
     """
     xl_check(q)
+    _check_smem(q, ("xl_bwd_dkdv", "xl_bwd_dq", "xl_bwd_dr"))
     with torch.cuda.device(q.device):
         return run_xl_backward(
             _lib(), _stream(q), q, k, v, r, u, vb, out, dout, lse, delta,
