@@ -356,6 +356,27 @@ def test_emulated_sparse_attention_matches_reference(emulated, case):
     check_sparse(pattern, b, h, h_kv, n_q, n_k, d, dtype, kpm)
 
 
+@pytest.mark.slow
+def test_emulated_kernels_read_strided_inputs_in_place(emulated):
+    # [B, N, H, D] projections viewed as [B, H, N, D] (nn.MultiheadAttention's layout): the
+    # kernels read them through their strides, without a copy.
+    b, n, h, d = 2, 100, 2, 64
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, n, 3 * h, d, generator=g).to(torch.bfloat16)
+    q, k, v = (t.transpose(1, 2) for t in x.split(h, dim=2))
+    assert ops.prepare_rows(q, d) is q
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = effattn.sparse_attention(q, k, v, P.local(30), backend="cuda")
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(*ref_in, P.local(30))
+    _assert_close("out", out, ref, torch.bfloat16)
+    dout = torch.randn(out.shape, generator=g).to(torch.bfloat16)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, got, want, torch.bfloat16)
+
+
 # --------------------------------------------------------------------------- Transformer-XL
 def test_xl_diagonals_cover_every_allowed_tile():
     for n_q, n_k, window in [
