@@ -516,11 +516,6 @@ def test_compile_matches_eager():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="effattn.sparse_attention graph-breaks under dynamo: importlib.import_module in "
-    "functional._module and dataclass __repr__ in functional._pattern_key",
-)
 def test_compile_fullgraph_no_graph_breaks():
     _, sparse = pair(pattern=P.strided(4), add_bias_kv=True, batch_first=True)
     x = torch.randn(2, 20, 32, dtype=F64, requires_grad=True)

@@ -79,13 +79,6 @@ def _causal_blocked(n_q: int, n_k: int, device) -> torch.Tensor:
     return torch.ones(n_q, n_k, dtype=torch.bool, device=device).triu(n_k - n_q + 1)
 
 
-def _keep_alive(t: torch.Tensor, pattern: Pattern) -> None:
-    # sparse_attention finds custom patterns by id in a weak table; a per-call pattern must
-    # live as long as the autograd node whose backward looks it up.
-    if t.grad_fn is not None:
-        t.grad_fn.metadata.setdefault("effattn_patterns", []).append(pattern)
-
-
 # --------------------------------------------------------------------------- masks
 def _blocked_from(mask: torch.Tensor, name: str) -> torch.Tensor:
     """A bool (True = blocked) or 0/-inf float mask as bool True = blocked."""
@@ -562,8 +555,6 @@ class SparseMultiheadAttention(nn.Module):
             return_lse=with_lse,
         )
         out = res[0] if with_lse else res
-        if pattern.is_custom:
-            _keep_alive(out, pattern)
         if d < MIN_HEAD_DIM:
             out = out[..., :d]
         return (out, res[1]) if with_lse else out
