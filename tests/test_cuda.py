@@ -156,6 +156,18 @@ def test_sparse_params_fields():
     assert abs(f["scale_log2"] - 0.5 * 1.4426950408889634) < 1e-12
 
 
+def test_runners_refuse_mismatched_inputs_before_launching():
+    q = torch.randn(1, 2, 70, 64, dtype=torch.float16)
+    lay = P.causal().layout(70, 70, 64, 64)
+    with pytest.raises(TypeError, match="k must have q's dtype"):
+        ops.run_sparse_forward(None, 0, q, q.bfloat16(), q, lay, scale=0.1)
+    with pytest.raises(ValueError, match="layout is for n_q=70"):
+        ops.run_sparse_forward(None, 0, q[:, :, :50], q, q, lay, scale=0.1)
+    r, u = torch.randn(2, 10, 64, dtype=torch.float16), torch.randn(2, 64, dtype=torch.float16)
+    with pytest.raises(TypeError, match="vb must have q's dtype"):
+        ops.run_xl_forward(None, 0, q, q, q, r, u, u.float(), scale=0.1, window=None)
+
+
 def test_check_refuses_clearly():
     q = torch.randn(1, 2, 8, 64)
     with pytest.raises((TypeError, ValueError), match="(?i)cuda"):

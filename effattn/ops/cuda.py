@@ -478,6 +478,15 @@ def _check_layout_size(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor) ->
         )
 
 
+def _check_like_q(q: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """The kernels read every 16-bit input with q's element type, on q's device."""
+    for name, t in tensors.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+
+
 def _sizes(q, k) -> dict:
     b, h, n_q, _ = q.shape
     return dict(batch=b, heads=h, kv_heads=k.shape[1], n_q=n_q, n_k=k.shape[2])
@@ -495,6 +504,7 @@ def run_sparse_forward(lib, stream: int, q, k, v, layout: BlockLayout, *, scale,
     out = torch.empty(b, h, n_q, dp, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
     _check_layout_size(layout, q, k)
+    _check_like_q(q, k=k, v=v)
     qp, kp, vp = (prepare_rows(t, dp) for t in (q, k, v))
     packed = pack_layout(layout, q.device)
     fields = sparse_params(
@@ -523,6 +533,7 @@ def run_sparse_backward(
     dk = torch.empty(b, h_kv, n_k, dp, dtype=torch.float32, device=q.device)
     dv = torch.empty(b, h_kv, n_k, dp, dtype=torch.float32, device=q.device)
     _check_layout_size(layout, q, k)
+    _check_like_q(q, k=k, v=v, dout=dout)
     qp, kp, vp, dop = (prepare_rows(t, dp) for t in (q, k, v, dout))
     lse = lse.to(torch.float32).contiguous()
     delta = delta.to(torch.float32).contiguous()
@@ -601,6 +612,7 @@ def run_xl_forward(lib, stream: int, q, k, v, r, u, vb, *, scale, window):
     if q.numel() == 0:
         return torch.zeros_like(q), torch.full((b, h, n_q), float("-inf"), device=q.device)
     dp = padded_head_dim(d)
+    _check_like_q(q, k=k, v=v, r=r, u=u, vb=vb)
     qp, kp, vp, rp, up, vbp = (contiguous_rows(t, dp) for t in (q, k, v, r, u, vb))
     out = torch.empty(b, h, n_q, dp, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
@@ -620,6 +632,7 @@ def run_xl_backward(lib, stream: int, q, k, v, r, u, vb, out, dout, lse, delta, 
     if q.numel() == 0:
         return tuple(torch.zeros_like(t) for t in (q, k, v, r, u, vb))
     dp = padded_head_dim(d)
+    _check_like_q(q, k=k, v=v, r=r, u=u, vb=vb, dout=dout)
     qp, kp, vp, rp, up, vbp, dop = (contiguous_rows(t, dp) for t in (q, k, v, r, u, vb, dout))
     f32 = dict(dtype=torch.float32, device=q.device)
     lse = lse.to(torch.float32).contiguous()
