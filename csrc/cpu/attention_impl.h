@@ -99,11 +99,60 @@ void pack_block(const T* src, i64 sn, i64 sd, i64 n, i64 D, i64 Dp, i64 BN, i64 
 }
 
 // ------------------------------------------------------------------------------- masks
-// Hides (sets to -inf) the scores s [BM] of key j for query positions p0 + il that no term of
-// the packed OR [nt, 9] allows (effattn.patterns.Term: band, modulus, group, columns). Seen from
-// one key, a term is an interval of queries (band, group; "!=" groups cut one out), stepped
-// through when it has a modulus and gated as a whole by the columns constraint: intervals are
-// compared lane-wise, modulus terms mark their few queries one by one. keep: BM scratch.
+// One packed term (effattn.patterns.Term: band, modulus, group, columns) seen from key j: the
+// query rows il (0 <= il < BM, position p0 + il) it allows are [a, z], minus [ex_a, ex_z],
+// stepping by `step` from a. Each constraint is an interval of queries (or a gate on j), so
+// no division runs per element.
+struct TermRows {
+  i64 a, z, ex_a, ex_z, step;
+};
+
+inline bool term_rows(const int32_t* f, i64 j, i64 p0, i64 BM, TermRows& out) {
+  const i64 lo = f[0], hi = f[1], mod = f[2], gq = f[3], gk = f[4], grel = f[5];
+  const i64 smod = f[6], smin = f[7], smax = f[8];
+  if (smod > 0) {
+    const i64 rem = posmod(j, smod);
+    if (rem < smin || rem > smax) return false;
+  }
+  i64 a = imax(0, j + lo - p0), z = imin(BM - 1, j + hi - p0);  // lo <= p - j <= hi
+  i64 ex_a = BM, ex_z = -1;
+  if (gq > 0) {
+    const i64 g0 = floordiv(j, gk) * gq - p0, g1 = g0 + gq - 1;  // rows of j's group
+    if (grel == kGroupEq) {
+      a = imax(a, g0);
+      z = imin(z, g1);
+    } else if (grel == kGroupLt) {
+      a = imax(a, g1 + 1);
+    } else {
+      ex_a = imax(g0, -1);
+      ex_z = imin(g1, BM);
+    }
+  }
+  if (mod > 0) {
+    a += posmod(j - p0 - a, mod);  // (p - j) % mod == 0
+    if (a <= z) z = a + (z - a) / mod * mod;
+  }
+  out = {a, z, ex_a, ex_z, mod > 0 ? mod : 1};
+  return a <= z;
+}
+
+// Hull [lo, hi] of the query rows of key j that an OR of terms [nt, 9] may allow.
+inline void term_hull(const int32_t* terms, i64 nt, i64 j, i64 p0, i64 BM, int32_t& lo,
+                      int32_t& hi) {
+  i64 l = BM, h = -1;
+  TermRows tr;
+  for (i64 t = 0; t < nt; ++t)
+    if (term_rows(terms + 9 * t, j, p0, BM, tr)) {
+      l = imin(l, tr.a);
+      h = imax(h, tr.z);
+    }
+  lo = static_cast<int32_t>(l);
+  hi = static_cast<int32_t>(h);
+}
+
+// Hides (sets to -inf) the scores s [BM] of key j for the query rows that no term allows:
+// intervals are compared lane-wise, modulus terms mark their few rows one by one.
+// keep: BM lanes of scratch.
 template <class T>
 void apply_terms(const int32_t* terms, i64 nt, i64 j, i64 p0, i64 BM, T* s,
                  typename VT<T>::I* keep) {
@@ -113,38 +162,17 @@ void apply_terms(const int32_t* terms, i64 nt, i64 j, i64 p0, i64 BM, T* s,
   I iota;
   for (int x = 0; x < W; ++x) iota[x] = static_cast<Lane>(x);
   for (i64 c = 0; c < BM / W; ++c) keep[c] = I{};
+  TermRows tr;
   for (i64 t = 0; t < nt; ++t) {
-    const int32_t* f = terms + 9 * t;
-    const i64 lo = f[0], hi = f[1], mod = f[2], gq = f[3], gk = f[4], grel = f[5];
-    const i64 smod = f[6], smin = f[7], smax = f[8];
-    if (smod > 0) {
-      const i64 rem = posmod(j, smod);
-      if (rem < smin || rem > smax) continue;
-    }
-    // Query rows il in [a, z] (lo <= p - j <= hi), minus [ex_a, ex_z].
-    i64 a = imax(0, j + lo - p0), z = imin(BM - 1, j + hi - p0);
-    i64 ex_a = BM, ex_z = -1;
-    if (gq > 0) {
-      const i64 g0 = floordiv(j, gk) * gq - p0, g1 = g0 + gq - 1;  // rows of j's group
-      if (grel == kGroupEq) {
-        a = imax(a, g0);
-        z = imin(z, g1);
-      } else if (grel == kGroupLt) {
-        a = imax(a, g1 + 1);
-      } else {
-        ex_a = imax(g0, -1);
-        ex_z = imin(g1, BM);
-      }
-    }
-    if (a > z) continue;
-    if (mod > 0) {
+    if (!term_rows(terms + 9 * t, j, p0, BM, tr)) continue;
+    if (tr.step > 1) {
       Lane* lanes = reinterpret_cast<Lane*>(keep);
-      for (i64 il = a + posmod(j - p0 - a, mod); il <= z; il += mod)
-        if (il < ex_a || il > ex_z) lanes[il] = static_cast<Lane>(-1);
+      for (i64 il = tr.a; il <= tr.z; il += tr.step)
+        if (il < tr.ex_a || il > tr.ex_z) lanes[il] = static_cast<Lane>(-1);
       continue;
     }
-    const I va = I{} + static_cast<Lane>(a), vz = I{} + static_cast<Lane>(z);
-    const I vea = I{} + static_cast<Lane>(ex_a), vez = I{} + static_cast<Lane>(ex_z);
+    const I va = I{} + static_cast<Lane>(tr.a), vz = I{} + static_cast<Lane>(tr.z);
+    const I vea = I{} + static_cast<Lane>(tr.ex_a), vez = I{} + static_cast<Lane>(tr.ex_z);
     for (i64 c = 0; c < BM / W; ++c) {
       const I il = iota + static_cast<Lane>(c * W);
       keep[c] |= (I)((il >= va) & (il <= vz) & ((il < vea) | (il > vez)));
@@ -339,6 +367,29 @@ void mask_tile(const SparseArgs& a, const uint8_t* km, const LayoutRow& lr, i64 
   }
 }
 
+// Per key row jj of a tile, the hull [lo, hi] of the query rows it may be seen by: empty for
+// hidden keys, everything in full blocks, from the terms or the stored tile in partial ones.
+inline void tile_hulls(const SparseArgs& a, const uint8_t* km, const LayoutRow& lr, i64 t,
+                       i64 c, i64 qb, i64 kb, int32_t* lo, int32_t* hi) {
+  const bool partial = t >= lr.num_full;
+  const int32_t BM = static_cast<int32_t>(a.BM);
+  for (i64 jj = 0; jj < a.BN; ++jj) {
+    lo[jj] = 0;
+    hi[jj] = BM - 1;
+    if (key_hidden(a, km, kb * a.BN + jj)) {
+      lo[jj] = BM;
+      hi[jj] = -1;
+    } else if (partial && a.tiles != nullptr) {
+      const uint8_t* col = a.tiles + lr.tile_of(t) * a.BM * a.BN + jj;
+      while (lo[jj] < BM && !col[lo[jj] * a.BN]) ++lo[jj];
+      while (hi[jj] >= lo[jj] && !col[hi[jj] * a.BN]) --hi[jj];
+    } else if (partial) {
+      term_hull(a.terms + c * a.num_terms * 9, a.num_terms, kb * a.BN + jj,
+                a.q_offset + qb * a.BM, a.BM, lo[jj], hi[jj]);
+    }
+  }
+}
+
 template <class T>
 void sparse_forward_impl(const SparseArgs& a) {
   const i64 BM = a.BM, BN = a.BN, D = a.D, Dp = round_up(D, kPad), group = a.H / a.Hkv;
@@ -347,6 +398,9 @@ void sparse_forward_impl(const SparseArgs& a) {
   // scratch, mask lanes.
   const i64 per_thread = D * BM + BN * BM + BM * Dp + 2 * BN * Dp + 6 * BM;
   Buf<T> scratch(per_thread * a.threads);
+  // Per thread: hulls of the key rows, key ranges of the query tiles.
+  const i64 per_thread_i = 2 * BN + 2 * BM;
+  Buf<int32_t> iscratch(per_thread_i * a.threads);
   auto body = [&](i64 task, int thread) {
     // Late query blocks first: under causal patterns they carry the most work.
     const i64 qb = a.nqb - 1 - task % a.nqb, bh = task / a.nqb, b = bh / a.H, h = bh % a.H;
@@ -361,6 +415,10 @@ void sparse_forward_impl(const SparseArgs& a) {
     T* l = m + BM;
     T* tmp = l + BM;
     T* keep = tmp + 3 * BM;
+    int32_t* lo = iscratch.get() + thread * per_thread_i;
+    int32_t* hi = lo + BN;
+    int32_t* klo = hi + BN;
+    int32_t* khi = klo + BM;
     const T* q = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1] + i0 * a.sq[2];
     const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
     const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
@@ -377,11 +435,13 @@ void sparse_forward_impl(const SparseArgs& a) {
       const i64 kb = lr.block(t), j0 = kb * BN;
       i64 ldk, ldv;
       const T* kr = rows_block(k, a.sk[2], a.sk[3], a.n_k, D, Dp, j0, BN, false, kbuf, ldk);
-      gemm_abt<T>(BN, BM, D, kr, ldk, qt, BM, St, BM);
+      tile_hulls(a, km, lr, t, c, qb, kb, lo, hi);
+      gemm_abt_hull<T>(BN, BM, D, kr, ldk, qt, BM, St, BM, lo, hi, neg_inf<T>());
       mask_tile<T>(a, km, lr, t, c, qb, kb, St, keep);
       softmax_update_t<T>(St, BN, BM, m, l, acc, Dp, tmp);
       const T* vr = rows_block(v, a.sv[2], a.sv[3], a.n_k, D, Dp, j0, BN, true, vbuf, ldv);
-      gemm_ab<T>(BM, Dp, BN, St, 1, BM, vr, ldv, acc, Dp);
+      ranges_by_cols(BM, BN, lo, hi, klo, khi);
+      gemm_ab_ranged<T>(BM, Dp, St, 1, BM, vr, ldv, acc, Dp, klo, khi);
     }
     finalize_rows<T>(rows, D, Dp, acc, m, l, static_cast<T*>(a.out) + (bh * a.n_q + i0) * D,
                      static_cast<T*>(a.lse) + bh * a.n_q + i0);
@@ -396,10 +456,9 @@ void sparse_backward_impl(const SparseArgs& a) {
   const T c2 = static_cast<T>(a.scale * kLog2e), scale = static_cast<T>(a.scale);
 
   // Query side, packed once: Q (times scale * log2 e) and dO transposed per block [D][BM] for
-  // the score tiles, Q and dO rows [Dp] for dK and dV, lse in base 2 (+inf for rows without
-  // gradient, whose probabilities are then 0) and delta.
-  Buf<T> qt(BH * NQP * D), dot(BH * NQP * D), qp(BH * NQP * Dp), dop(BH * NQP * Dp);
-  Buf<T> lse2(BH * NQP), dlt(BH * NQP);
+  // the score tiles, lse in base 2 (+inf for rows without gradient, whose probabilities are
+  // then 0) and delta. Q and dO rows (for dK and dV) are read in place.
+  Buf<T> qt(BH * NQP * D), dot(BH * NQP * D), lse2(BH * NQP), dlt(BH * NQP);
   auto pack_q = [&](i64 task, int) {
     const i64 qb = task % a.nqb, bh = task / a.nqb, b = bh / a.H, h = bh % a.H;
     const i64 i0 = qb * BM, rows = imin(BM, a.n_q - i0), at = bh * NQP + i0;
@@ -407,8 +466,6 @@ void sparse_backward_impl(const SparseArgs& a) {
     const T* dout = static_cast<const T*>(a.dout) + b * a.sdo[0] + h * a.sdo[1] + i0 * a.sdo[2];
     pack_t(q, a.sq[2], a.sq[3], rows, D, BM, c2, qt.get() + at * D);
     pack_t(dout, a.sdo[2], a.sdo[3], rows, D, BM, T(1), dot.get() + at * D);
-    pack_rows(q, a.sq[2], a.sq[3], rows, D, Dp, BM, qp.get() + at * Dp);
-    pack_rows(dout, a.sdo[2], a.sdo[3], rows, D, Dp, BM, dop.get() + at * Dp);
     const T* lse = static_cast<const T*>(a.lse_in) + bh * a.n_q;
     const T* delta = static_cast<const T*>(a.delta) + bh * a.n_q;
     for (i64 i = i0; i < i0 + BM; ++i) {
@@ -429,10 +486,14 @@ void sparse_backward_impl(const SparseArgs& a) {
   }
   Buf<T> dqbuf(S * BH * NQP * Dp);
 
-  // Per thread: probabilities, dP / dS (transposed tiles), dK and dV accumulators, K and V
-  // copies, mask lanes.
-  const i64 per_thread = 2 * BN * BM + 4 * BN * Dp + BM;
+  // Per thread: probabilities, dP / dS (transposed tiles), dK and dV accumulators, K, V, Q and
+  // dO copies, mask lanes.
+  const i64 per_thread = 2 * BN * BM + 4 * BN * Dp + 2 * BM * Dp + BM;
   Buf<T> scratch(per_thread * a.threads);
+  // Per thread: hulls of the key rows, query ranges of the key tiles, key ranges of the query
+  // tiles.
+  const i64 per_thread_i = 4 * BN + 2 * BM;
+  Buf<int32_t> iscratch(per_thread_i * a.threads);
   auto body = [&](i64 task, int thread) {
     const int seg = static_cast<int>(task % S);
     const i64 bk = task / S, b = bk / a.Hkv, hk = bk % a.Hkv;
@@ -442,7 +503,15 @@ void sparse_backward_impl(const SparseArgs& a) {
     T* dv_acc = dk_acc + BN * Dp;
     T* kbuf = dv_acc + BN * Dp;
     T* vbuf = kbuf + BN * Dp;
-    T* keep = vbuf + BN * Dp;
+    T* qbuf = vbuf + BN * Dp;
+    T* dobuf = qbuf + BM * Dp;
+    T* keep = dobuf + BM * Dp;
+    int32_t* lo = iscratch.get() + thread * per_thread_i;
+    int32_t* hi = lo + BN;
+    int32_t* qlo = hi + BN;
+    int32_t* qhi = qlo + BN;
+    int32_t* klo = qhi + BN;
+    int32_t* khi = klo + BM;
     const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
     const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
     for (i64 kb = bounds[seg]; kb < bounds[seg + 1]; ++kb) {
@@ -456,22 +525,34 @@ void sparse_backward_impl(const SparseArgs& a) {
         const uint8_t* km = key_mask_of(a, b, h);
         const LayoutRow lr = q_row(a, c, kb);
         T* dq_bh = dqbuf.get() + (seg * BH + bh) * NQP * Dp;
+        const T* q_bh = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1];
+        const T* do_bh = static_cast<const T*>(a.dout) + b * a.sdo[0] + h * a.sdo[1];
         for (i64 t = 0; t < lr.num; ++t) {
           const i64 qb = lr.block(t), at = bh * NQP + qb * BM;
-          gemm_abt<T>(BN, BM, D, kr, ldk, qt.get() + at * D, BM, Pt, BM);
-          gemm_abt<T>(BN, BM, D, vr, ldv, dot.get() + at * D, BM, dSt, BM);
+          i64 ldq, ldo;
+          const T* qr = rows_block(q_bh, a.sq[2], a.sq[3], a.n_q, D, Dp, qb * BM, BM, true, qbuf,
+                                   ldq);
+          const T* dor = rows_block(do_bh, a.sdo[2], a.sdo[3], a.n_q, D, Dp, qb * BM, BM, true,
+                                    dobuf, ldo);
+          tile_hulls(a, km, lr, t, c, qb, kb, lo, hi);
+          gemm_abt_hull<T>(BN, BM, D, kr, ldk, qt.get() + at * D, BM, Pt, BM, lo, hi,
+                           neg_inf<T>());
+          gemm_abt_hull<T>(BN, BM, D, vr, ldv, dot.get() + at * D, BM, dSt, BM, lo, hi, T(0));
           mask_tile<T>(a, km, lr, t, c, qb, kb, Pt, keep);
           const T* l2 = lse2.get() + at;
           const T* dl = dlt.get() + at;
+          // dS carries the score scale, so dK and dQ need no final scaling.
           for (i64 jj = 0; jj < BN; ++jj)
             for (i64 x = 0; x < BM; x += VT<T>::W) {
               const Vec<T> p = vexp2(vld(Pt + jj * BM + x) - vld(l2 + x));
               vst(Pt + jj * BM + x, p);
-              vst(dSt + jj * BM + x, p * (vld(dSt + jj * BM + x) - vld(dl + x)));
+              vst(dSt + jj * BM + x, p * (vld(dSt + jj * BM + x) - vld(dl + x)) * scale);
             }
-          gemm_ab<T>(BN, Dp, BM, Pt, BM, 1, dop.get() + at * Dp, Dp, dv_acc, Dp);
-          gemm_ab<T>(BN, Dp, BM, dSt, BM, 1, qp.get() + at * Dp, Dp, dk_acc, Dp);
-          gemm_ab<T>(BM, Dp, BN, dSt, 1, BM, kr, ldk, dq_bh + qb * BM * Dp, Dp);
+          ranges_by_rows(BN, lo, hi, qlo, qhi);
+          gemm_ab_ranged<T>(BN, Dp, Pt, BM, 1, dor, ldo, dv_acc, Dp, qlo, qhi);
+          gemm_ab_ranged<T>(BN, Dp, dSt, BM, 1, qr, ldq, dk_acc, Dp, qlo, qhi);
+          ranges_by_cols(BM, BN, lo, hi, klo, khi);
+          gemm_ab_ranged<T>(BM, Dp, dSt, 1, BM, kr, ldk, dq_bh + qb * BM * Dp, Dp, klo, khi);
         }
       }
       const i64 cnt = imin(BN, a.n_k - j0);
@@ -479,7 +560,7 @@ void sparse_backward_impl(const SparseArgs& a) {
       T* dvo = static_cast<T*>(a.dv) + (bk * a.n_k + j0) * D;
       for (i64 jj = 0; jj < cnt; ++jj)
         for (i64 d = 0; d < D; ++d) {
-          dk[jj * D + d] = dk_acc[jj * Dp + d] * scale;
+          dk[jj * D + d] = dk_acc[jj * Dp + d];
           dvo[jj * D + d] = dv_acc[jj * Dp + d];
         }
     }
@@ -494,7 +575,7 @@ void sparse_backward_impl(const SparseArgs& a) {
       for (i64 d = 0; d < D; ++d) {
         T sum = T(0);
         for (int s = 0; s < S; ++s) sum += dqbuf.get()[((s * BH + bh) * NQP + i0 + r) * Dp + d];
-        dq[r * D + d] = sum * scale;
+        dq[r * D + d] = sum;
       }
   };
   run_parallel(BH * a.nqb, a.threads, reduce);

@@ -222,3 +222,85 @@ void gemm_ab(i64 M, i64 N, i64 K, const T* A, i64 sa, i64 sk, const T* B, i64 ld
                                             ldb, K, Ci + j, ldc);
   }
 }
+
+// ------------------------------------------------------------------------------- masked tiles
+// Sparse tiles skip work that the mask would zero anyway. Row r of A only meets columns
+// [lo[r], hi[r]] of the result (empty when lo > hi).
+
+// C[M, N] = A[M, K] * Bt[K, N] on the tiles that meet some row's [lo, hi]; the others are
+// filled with `fill`. M a multiple of kRowsAbt, N of W.
+template <class T>
+void gemm_abt_hull(i64 M, i64 N, i64 K, const T* A, i64 lda, const T* Bt, i64 ldb, T* C,
+                   i64 ldc, const int32_t* lo, const int32_t* hi, T fill) {
+  constexpr int W = VT<T>::W;
+  const Vec<T> fv = vset<T>(fill);
+  for (i64 i = 0; i < M; i += kRowsAbt) {
+    i64 tlo = N, thi = -1;
+    for (int r = 0; r < kRowsAbt; ++r) {
+      tlo = imin(tlo, lo[i + r]);
+      thi = imax(thi, hi[i + r]);
+    }
+    auto skip = [&](i64 j, i64 width) {
+      if (j + width - 1 >= tlo && j <= thi) return false;
+      for (int r = 0; r < kRowsAbt; ++r)
+        for (i64 x = 0; x < width; x += W) vst(C + (i + r) * ldc + j + x, fv);
+      return true;
+    };
+    i64 j = 0;
+    for (; j + kVecsAbt * W <= N; j += kVecsAbt * W)
+      if (!skip(j, kVecsAbt * W))
+        tile_abt<T, kRowsAbt, kVecsAbt>(A + i * lda, lda, Bt + j, ldb, K, C + i * ldc + j, ldc);
+    for (; j < N; j += W)
+      if (!skip(j, W))
+        tile_abt<T, kRowsAbt, 1>(A + i * lda, lda, Bt + j, ldb, K, C + i * ldc + j, ldc);
+  }
+}
+
+// C[M, N] += A(M, K) * B[K, N] where the rows of tile t (kRowsAb rows) only need k in
+// [klo[t], khi[t]] (A is zero elsewhere). M a multiple of kRowsAb, N of W.
+template <class T>
+void gemm_ab_ranged(i64 M, i64 N, const T* A, i64 sa, i64 sk, const T* B, i64 ldb, T* C,
+                    i64 ldc, const int32_t* klo, const int32_t* khi) {
+  constexpr int W = VT<T>::W;
+  for (i64 i = 0, t = 0; i < M; i += kRowsAb, ++t) {
+    if (klo[t] > khi[t]) continue;
+    const i64 k0 = klo[t], K = khi[t] - klo[t] + 1;
+    const T* Ai = A + i * sa + k0 * sk;
+    const T* Bk = B + k0 * ldb;
+    T* Ci = C + i * ldc;
+    i64 j = 0;
+    for (; j + kVecsAb * W <= N; j += kVecsAb * W)
+      tile_ab<T, kRowsAb, kVecsAb>(Ai, sa, sk, Bk + j, ldb, K, Ci + j, ldc);
+    if (j < N)
+      tile_ab_rest<T, kRowsAb, kVecsAb - 1>(static_cast<int>((N - j) / W), Ai, sa, sk, Bk + j,
+                                            ldb, K, Ci + j, ldc);
+  }
+}
+
+// Per tile of kRowsAb rows, the union of the rows' ranges [lo[r], hi[r]].
+inline void ranges_by_rows(i64 M, const int32_t* lo, const int32_t* hi, int32_t* tlo,
+                           int32_t* thi) {
+  for (i64 i = 0, t = 0; i < M; i += kRowsAb, ++t) {
+    int32_t a = INT32_MAX, z = -1;
+    for (int r = 0; r < kRowsAb; ++r) {
+      a = lo[i + r] < a ? lo[i + r] : a;
+      z = hi[i + r] > z ? hi[i + r] : z;
+    }
+    tlo[t] = a;
+    thi[t] = z;
+  }
+}
+
+// The transpose: rows [lo[k], hi[k]] of the result meet column k (k < K); per tile of
+// kRowsAb result rows, the first and last such k.
+inline void ranges_by_cols(i64 M, i64 K, const int32_t* lo, const int32_t* hi, int32_t* tlo,
+                           int32_t* thi) {
+  for (i64 i = 0, t = 0; i < M; i += kRowsAb, ++t) {
+    const i64 r0 = i, r1 = i + kRowsAb - 1;
+    i64 a = 0, z = K - 1;
+    while (a < K && (lo[a] > r1 || hi[a] < r0)) ++a;
+    while (z > a && (lo[z] > r1 || hi[z] < r0)) --z;
+    tlo[t] = static_cast<int32_t>(a);
+    thi[t] = static_cast<int32_t>(a < K ? z : -1);
+  }
+}
