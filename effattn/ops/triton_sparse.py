@@ -56,6 +56,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------- kernels
+# Nested @triton.jit calls cost nothing on the GPU (they are inlined) but a few milliseconds
+# each in the interpreter, so the per-block bodies below inline their small steps.
 @triton.jit
 def _pattern_allowed(
     Terms,
@@ -75,7 +77,7 @@ def _pattern_allowed(
         term = (d >= tl.load(base)) & (d <= tl.load(base + 1))
         if USE_MOD:
             mod = tl.load(base + 2)
-            # p - j may be negative: only "divisible", which C and floor remainders agree on.
+            # p - j may be negative: only "divisible" is asked, where C and floor remainders agree.
             term = term & ((mod <= 0) | (d % tl.maximum(mod, 1) == 0))
         if USE_GROUP:
             gq = tl.load(base + 3)
@@ -90,61 +92,6 @@ def _pattern_allowed(
             term = term & ((smod <= 0) | ((r >= tl.load(base + 7)) & (r <= tl.load(base + 8))))
         ok = ok | term
     return ok
-
-
-@triton.jit
-def _exp(x, EXP2: tl.constexpr):
-    if EXP2:
-        return tl.exp2(x)
-    else:
-        return tl.exp(x)
-
-
-@triton.jit
-def _visible(
-    col_ok,
-    p,
-    j,
-    tile_ptrs,
-    Terms,
-    c,
-    PARTIAL: tl.constexpr,
-    NUM_TERMS: tl.constexpr,
-    USE_MOD: tl.constexpr,
-    USE_GROUP: tl.constexpr,
-    USE_COLS: tl.constexpr,
-    USE_TILES: tl.constexpr,
-):
-    """Visibility of a block's scores: key bounds / key mask, and the pattern on partial blocks.
-
-    ``col_ok``, ``p``, ``j`` and ``tile_ptrs`` broadcast to the score block's shape ([BM, BN] or
-    its transpose); ``tile_ptrs`` is only read for partial blocks of custom patterns.
-    """
-    vis = col_ok
-    if PARTIAL:
-        if USE_TILES:
-            vis = vis & (tl.load(tile_ptrs) != 0)
-        else:
-            vis = vis & _pattern_allowed(Terms, c, p, j, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS)
-    return vis
-
-
-@triton.jit
-def _key_ok(cols, n_k, key_mask_base, stride_mn, HAS_KEY_MASK: tl.constexpr):
-    ok = cols < n_k
-    if HAS_KEY_MASK:
-        ok = ok & (tl.load(key_mask_base + cols * stride_mn, mask=ok, other=1) == 0)
-    return ok
-
-
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, WIDEN_DOT: tl.constexpr):
-    if WIDEN_DOT:
-        # Triton's interpreter multiplies bf16 tiles as their uint16 storage: widen them to fp32,
-        # which is exact (a bf16 x bf16 product fits fp32) and accumulates in fp32 like the GPU.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -178,40 +125,42 @@ def _fwd_block(
     USE_TILES: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     EXP2: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WIDEN_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """One key block of the online softmax: returns the updated (acc, m_i, l_i)."""
     cols = kb * BLOCK_N + offs_n
-    col_in = cols < n_k
-    kv_mask = col_in[:, None] & d_ok[None, :]
+    col_ok = cols < n_k
+    kv_mask = col_ok[:, None] & d_ok[None, :]
     k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    s = _dot(q, tl.trans(k), DOT_PRECISION, WIDEN_DOT) * qk_scale
-    col_ok = _key_ok(cols, n_k, key_mask_base, stride_mn, HAS_KEY_MASK)
-    vis = _visible(
-        col_ok[None, :],
-        (offs_m + q_offset)[:, None],
-        cols[None, :],
-        tile_ptrs,
-        Terms,
-        c,
-        PARTIAL,
-        NUM_TERMS,
-        USE_MOD,
-        USE_GROUP,
-        USE_COLS,
-        USE_TILES,
-    )
+    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_KEY_MASK:
+        col_ok = col_ok & (tl.load(key_mask_base + cols * stride_mn, mask=col_ok, other=1) == 0)
+    vis = col_ok[None, :]
+    if PARTIAL:
+        if USE_TILES:
+            vis = vis & (tl.load(tile_ptrs) != 0)
+        else:
+            p_pos = (offs_m + q_offset)[:, None]
+            allowed = _pattern_allowed(
+                Terms, c, p_pos, cols[None, :], NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS
+            )
+            vis = vis & allowed
     s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # Rows with nothing visible so far keep m = -inf: shift them by 0 so exp gives 0, not NaN.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = _exp(s - m_use[:, None], EXP2)
-    alpha = _exp(m_i - m_use, EXP2)
+    if EXP2:
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+    else:
+        p = tl.exp(s - m_use[:, None])
+        alpha = tl.exp(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, WIDEN_DOT)
+    pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
 
 
@@ -263,8 +212,8 @@ def _fwd_kernel(
     HAS_KEY_MASK: tl.constexpr,
     IS_FP64: tl.constexpr,
     EXP2: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WIDEN_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -282,9 +231,10 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < n_q
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q = tl.load(q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    q = q.to(DOT_DTYPE)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     key_mask_base = KeyMask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
@@ -302,7 +252,7 @@ def _fwd_kernel(
             acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, kb, offs_m, offs_n, offs_d,
             d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, Tiles, Terms, c,
             False, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK, EXP2,
-            DOT_PRECISION, WIDEN_DOT, BLOCK_N,
+            DOT_DTYPE, DOT_PRECISION, BLOCK_N,
         )  # fmt: skip
     n_part = tl.load(PartNum + row)
     for t in range(n_part):
@@ -315,7 +265,7 @@ def _fwd_kernel(
             acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, kb, offs_m, offs_n, offs_d,
             d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, tile_ptrs, Terms, c,
             True, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK, EXP2,
-            DOT_PRECISION, WIDEN_DOT, BLOCK_N,
+            DOT_DTYPE, DOT_PRECISION, BLOCK_N,
         )  # fmt: skip
 
     nonempty = l_i > 0
@@ -326,18 +276,15 @@ def _fwd_kernel(
     else:
         lse = m_i + tl.log(l_safe)
     lse = tl.where(nonempty, lse, float("-inf"))
-    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(
-        o_base + offs_m[:, None] * stride_om + offs_d[None, :],
-        out.to(Out.dtype.element_ty),
-        mask=q_mask,
-    )
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    o_ptrs += offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
     tl.store(Lse + bh.to(tl.int64) * n_q + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
 def _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, EXP2: tl.constexpr):
-    """(lse in the kernel's exponent base, delta, row visible) for query rows offs_m.
+    """(lse in the kernels' exponent base, delta, row visible) for query rows offs_m.
 
     Rows past n_q and rows whose merged lse is +-inf (no visible key, or kept only to fill a
     dense block) get visible = False, so they contribute nothing.
@@ -386,36 +333,38 @@ def _bwd_dq_block(
     USE_TILES: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     EXP2: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WIDEN_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """dq += dS K over one key block (dS without the final scale)."""
     cols = kb * BLOCK_N + offs_n
-    col_in = cols < n_k
-    kv_mask = col_in[:, None] & d_ok[None, :]
+    col_ok = cols < n_k
+    kv_mask = col_ok[:, None] & d_ok[None, :]
     k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    s = _dot(q, tl.trans(k), DOT_PRECISION, WIDEN_DOT) * qk_scale
-    col_ok = _key_ok(cols, n_k, key_mask_base, stride_mn, HAS_KEY_MASK)
-    vis = _visible(
-        col_ok[None, :] & row_vis[:, None],
-        (offs_m + q_offset)[:, None],
-        cols[None, :],
-        tile_ptrs,
-        Terms,
-        c,
-        PARTIAL,
-        NUM_TERMS,
-        USE_MOD,
-        USE_GROUP,
-        USE_COLS,
-        USE_TILES,
-    )
-    p = _exp(tl.where(vis, s - lse[:, None], float("-inf")), EXP2)
-    dp = _dot(do, tl.trans(v), DOT_PRECISION, WIDEN_DOT)
+    k_dot = k.to(DOT_DTYPE)
+    s = tl.dot(q, tl.trans(k_dot), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_KEY_MASK:
+        col_ok = col_ok & (tl.load(key_mask_base + cols * stride_mn, mask=col_ok, other=1) == 0)
+    vis = col_ok[None, :] & row_vis[:, None]
+    if PARTIAL:
+        if USE_TILES:
+            vis = vis & (tl.load(tile_ptrs) != 0)
+        else:
+            p_pos = (offs_m + q_offset)[:, None]
+            allowed = _pattern_allowed(
+                Terms, c, p_pos, cols[None, :], NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS
+            )
+            vis = vis & allowed
+    x = tl.where(vis, s - lse[:, None], float("-inf"))
+    if EXP2:
+        p = tl.exp2(x)
+    else:
+        p = tl.exp(x)
+    dp = tl.dot(do, tl.trans(v.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
-    dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, WIDEN_DOT)
+    dq += tl.dot(ds.to(k.dtype).to(DOT_DTYPE), k_dot, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -470,8 +419,8 @@ def _bwd_dq_kernel(
     HAS_KEY_MASK: tl.constexpr,
     IS_FP64: tl.constexpr,
     EXP2: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WIDEN_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -488,11 +437,11 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_mask = (offs_m < n_q)[:, None] & d_ok[None, :]
-    row_offs = offs_m[:, None] * stride_qm + offs_d[None, :]
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    q = tl.load(q_base + row_offs, mask=q_mask, other=0.0)
-    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q = tl.load(q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    do_ptrs = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    do = tl.load(do_ptrs + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+    q, do = q.to(DOT_DTYPE), do.to(DOT_DTYPE)
     lse, delta, row_vis = _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, EXP2)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -508,7 +457,7 @@ def _bwd_dq_kernel(
             dq, q, do, lse, delta, row_vis, k_base, v_base, stride_kn, stride_vn, kb, offs_m,
             offs_n, offs_d, d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, Tiles,
             Terms, c, False, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK,
-            EXP2, DOT_PRECISION, WIDEN_DOT, BLOCK_N,
+            EXP2, DOT_DTYPE, DOT_PRECISION, BLOCK_N,
         )  # fmt: skip
     n_part = tl.load(PartNum + row)
     for t in range(n_part):
@@ -521,12 +470,12 @@ def _bwd_dq_kernel(
             dq, q, do, lse, delta, row_vis, k_base, v_base, stride_kn, stride_vn, kb, offs_m,
             offs_n, offs_d, d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, tile_ptrs,
             Terms, c, True, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK,
-            EXP2, DOT_PRECISION, WIDEN_DOT, BLOCK_N,
+            EXP2, DOT_DTYPE, DOT_PRECISION, BLOCK_N,
         )  # fmt: skip
 
     # DQ is a contiguous [B, H, n_q, D] accumulator-dtype tensor.
-    dq_base = DQ + bh.to(tl.int64) * n_q * HEAD_DIM
-    tl.store(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * sm_scale, mask=q_mask)
+    dq_ptrs = DQ + bh.to(tl.int64) * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptrs, dq * sm_scale, mask=q_mask)
 
 
 @triton.jit
@@ -561,8 +510,8 @@ def _bwd_dkdv_block(
     USE_COLS: tl.constexpr,
     USE_TILES: tl.constexpr,
     EXP2: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WIDEN_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """dv += P^T dO, dk += dS^T Q over one query block, in the transposed [BN, BM] orientation."""
@@ -570,27 +519,28 @@ def _bwd_dkdv_block(
     q_mask = (offs_m < n_q)[:, None] & d_ok[None, :]
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+    q_dot, do_dot = q.to(DOT_DTYPE), do.to(DOT_DTYPE)
     lse, delta, row_vis = _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, EXP2)
-    st = _dot(k, tl.trans(q), DOT_PRECISION, WIDEN_DOT) * qk_scale
-    vis = _visible(
-        col_ok[:, None] & row_vis[None, :],
-        (offs_m + q_offset)[None, :],
-        cols[:, None],
-        tile_ptrs,
-        Terms,
-        c,
-        PARTIAL,
-        NUM_TERMS,
-        USE_MOD,
-        USE_GROUP,
-        USE_COLS,
-        USE_TILES,
-    )
-    pt = _exp(tl.where(vis, st - lse[None, :], float("-inf")), EXP2)
-    dv += _dot(pt.to(do.dtype), do, DOT_PRECISION, WIDEN_DOT)
-    dpt = _dot(v, tl.trans(do), DOT_PRECISION, WIDEN_DOT)
+    st = tl.dot(k, tl.trans(q_dot), input_precision=DOT_PRECISION) * qk_scale
+    vis = col_ok[:, None] & row_vis[None, :]
+    if PARTIAL:
+        if USE_TILES:
+            vis = vis & (tl.load(tile_ptrs) != 0)
+        else:
+            p_pos = (offs_m + q_offset)[None, :]
+            allowed = _pattern_allowed(
+                Terms, c, p_pos, cols[:, None], NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS
+            )
+            vis = vis & allowed
+    x = tl.where(vis, st - lse[None, :], float("-inf"))
+    if EXP2:
+        pt = tl.exp2(x)
+    else:
+        pt = tl.exp(x)
+    dv += tl.dot(pt.to(do.dtype).to(DOT_DTYPE), do_dot, input_precision=DOT_PRECISION)
+    dpt = tl.dot(v, tl.trans(do_dot), input_precision=DOT_PRECISION)
     dst = pt * (dpt - delta[None, :])
-    dk += _dot(dst.to(q.dtype), q, DOT_PRECISION, WIDEN_DOT)
+    dk += tl.dot(dst.to(q.dtype).to(DOT_DTYPE), q_dot, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -646,8 +596,8 @@ def _bwd_dkdv_kernel(
     HAS_KEY_MASK: tl.constexpr,
     IS_FP64: tl.constexpr,
     EXP2: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WIDEN_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -662,11 +612,13 @@ def _bwd_dkdv_kernel(
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    kv_mask = (cols < n_k)[:, None] & d_ok[None, :]
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    in_keys = cols < n_k
+    kv_mask = in_keys[:, None] & d_ok[None, :]
+    k_ptrs = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_ptrs = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    k = tl.load(k_ptrs + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k, v = k.to(DOT_DTYPE), v.to(DOT_DTYPE)
     # Tiles are stored [BM, BN]; read them transposed.
     tile_offs = offs_r[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
@@ -679,8 +631,10 @@ def _bwd_dkdv_kernel(
         c = h % num_classes
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        key_mask_base = KeyMask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-        col_ok = _key_ok(cols, n_k, key_mask_base, stride_mn, HAS_KEY_MASK)
+        col_ok = in_keys
+        if HAS_KEY_MASK:
+            km_ptrs = KeyMask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+            col_ok = col_ok & (tl.load(km_ptrs + cols * stride_mn, mask=in_keys, other=1) == 0)
         row = c * num_k_blocks + kb
         n_full = tl.load(FullNum + row)
         for t in range(n_full):
@@ -688,8 +642,8 @@ def _bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, col_ok, cols, q_base, do_base, stride_qm, stride_dom, Lse, Delta,
                 bh, qb, offs_r, offs_d, d_ok, n_q, q_offset, qk_scale, Tiles, Terms, c, False,
-                NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, EXP2, DOT_PRECISION,
-                WIDEN_DOT, BLOCK_M,
+                NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, EXP2, DOT_DTYPE,
+                DOT_PRECISION, BLOCK_M,
             )  # fmt: skip
         n_part = tl.load(PartNum + row)
         for t in range(n_part):
@@ -701,8 +655,8 @@ def _bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_block(
                 dk, dv, k, v, col_ok, cols, q_base, do_base, stride_qm, stride_dom, Lse, Delta,
                 bh, qb, offs_r, offs_d, d_ok, n_q, q_offset, qk_scale, tile_ptrs, Terms, c, True,
-                NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, EXP2, DOT_PRECISION,
-                WIDEN_DOT, BLOCK_M,
+                NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, EXP2, DOT_DTYPE,
+                DOT_PRECISION, BLOCK_M,
             )  # fmt: skip
 
     # DK and DV are contiguous [B, Hkv, n_k, D] accumulator-dtype tensors.
@@ -725,23 +679,65 @@ class _Config(NamedTuple):
     block_m: int
     block_n: int
     num_warps: int
-    num_stages: tuple[int, int]  # on sm_80 (also used below sm_90), on sm_90
+    num_stages: int
 
 
-# The shipped configs per (kernel, fp32 inputs, BLOCK_D), each checked for spills and shared
-# memory on sm_80 and sm_90 by bench/compile_report.py (compile_configs below). The forward's
-# 64-row query blocks keep the work efficiency of strided(128) and fixed(128, c) above 50% at
-# n >= 4096 (128-row blocks drop strided(128) to 37%: its column part is causal inside chunks of
-# n / 128 keys). fp32 products are IEEE fp32 (FMA, no tensor cores), hence smaller tiles.
-_CONFIGS: dict[tuple[str, bool, int], _Config] = {
-    **{("fwd", False, d): _Config(64, 64, 4, (3, 3)) for d in (16, 32, 64, 128)},
-    ("fwd", False, 256): _Config(64, 32, 4, (2, 2)),
-    **{("dq", False, d): _Config(64, 32, 4, (2, 2)) for d in (16, 32, 64, 128, 256)},
-    **{("dkdv", False, d): _Config(32, 64, 4, (2, 2)) for d in (16, 32, 64, 128, 256)},
-    **{("fwd", True, d): _Config(64, 16, 4, (2, 2)) for d in (16, 32, 64, 128, 256)},
-    **{("dq", True, d): _Config(32, 16, 4, (2, 2)) for d in (16, 32, 64, 128, 256)},
-    **{("dkdv", True, d): _Config(16, 32, 4, (2, 2)) for d in (16, 32, 64, 128, 256)},
-}
+def _table(rows: str) -> dict[tuple[str, bool, int], dict[int, _Config]]:
+    """Parse "kernel dtype D | sm_80 BMxBN/warps/stages | sm_90 ..." rows."""
+    table = {}
+    for line in rows.strip().splitlines():
+        key, *per_arch = (f.split() for f in line.split("|"))
+        kernel, dtype, d = key
+        configs = {}
+        for arch, spec in zip((80, 90), per_arch, strict=True):
+            blocks, warps, stages = spec[0].split("/")
+            bm, bn = blocks.split("x")
+            configs[arch] = _Config(int(bm), int(bn), int(warps), int(stages))
+        table[(kernel, dtype == "fp32", int(d))] = configs
+    return table
+
+
+# The shipped configs per kernel, operand width and BLOCK_D, on sm_80 (used below sm_90 too)
+# and sm_90: the fastest-looking choice of each that compiles without register spills and,
+# on sm_80, within the 99 KiB of shared memory that sm_86 / sm_89 also have
+# (bench/compile_report.py checks them all, from compile_configs below). The forward's 64-row
+# query blocks keep the work efficiency of strided(128) and fixed(128, c) above 50% at n >= 4096
+# (128-row blocks drop strided(128) to 37%: its column part is causal inside chunks of n / 128
+# keys). fp32 multiplies in IEEE fp32 without tensor cores, hence its smaller tiles.
+_CONFIGS = _table(
+    """
+    fwd  fp16  16 | 64x64/4/3 | 64x64/4/3
+    fwd  fp16  32 | 64x64/4/3 | 64x64/4/3
+    fwd  fp16  64 | 64x64/4/3 | 64x64/4/3
+    fwd  fp16 128 | 64x64/4/3 | 64x64/4/3
+    fwd  fp16 256 | 64x16/4/1 | 64x32/4/1
+    dq   fp16  16 | 64x64/4/2 | 64x64/4/2
+    dq   fp16  32 | 64x64/4/2 | 64x64/4/2
+    dq   fp16  64 | 64x64/4/2 | 64x64/4/2
+    dq   fp16 128 | 64x64/4/2 | 64x32/4/2
+    dq   fp16 256 | 64x16/4/1 | 64x16/4/1
+    dkdv fp16  16 | 32x64/4/1 | 32x64/4/2
+    dkdv fp16  32 | 64x64/4/2 | 32x64/4/2
+    dkdv fp16  64 | 32x64/4/2 | 32x64/4/2
+    dkdv fp16 128 | 32x32/4/1 | 32x32/4/1
+    dkdv fp16 256 | 16x32/4/1 | 16x32/4/1
+    fwd  fp32  16 | 64x32/8/2 | 64x32/8/2
+    fwd  fp32  32 | 64x32/8/2 | 64x32/8/2
+    fwd  fp32  64 | 64x32/8/2 | 64x16/8/2
+    fwd  fp32 128 | 64x16/4/2 | 32x32/4/2
+    fwd  fp32 256 | 64x16/8/1 | 32x16/8/1
+    dq   fp32  16 | 32x32/4/2 | 32x32/4/2
+    dq   fp32  32 | 32x32/4/2 | 32x32/4/2
+    dq   fp32  64 | 32x32/4/2 | 32x32/4/2
+    dq   fp32 128 | 32x16/4/2 | 32x16/4/2
+    dq   fp32 256 | 16x16/4/1 | 16x16/4/1
+    dkdv fp32  16 | 16x32/4/2 | 32x32/4/2
+    dkdv fp32  32 | 32x32/4/2 | 16x32/4/2
+    dkdv fp32  64 | 32x32/4/2 | 16x32/4/2
+    dkdv fp32 128 | 16x32/4/1 | 16x32/4/2
+    dkdv fp32 256 | 16x16/4/1 | 16x16/8/1
+    """
+)
 
 
 class _LayoutArgs:
@@ -832,21 +828,36 @@ def _arch(device: torch.device) -> int:
     return 90 if major >= 9 else 80
 
 
-def _config(kernel: str, dtype: torch.dtype, head_dim: int) -> _Config:
-    cfg = _CONFIGS[(kernel, dtype in (torch.float32, torch.float64), _block_d(head_dim))]
+def _config(kernel: str, dtype: torch.dtype, head_dim: int, device: torch.device) -> _Config:
+    """The shipped config for these inputs, with ``BLOCKS_OVERRIDE`` replacing its blocks."""
+    wide = dtype in (torch.float32, torch.float64)
+    cfg = _CONFIGS[(kernel, wide, _block_d(head_dim))][_arch(device)]
     if BLOCKS_OVERRIDE is not None:
         cfg = cfg._replace(block_m=BLOCKS_OVERRIDE[0], block_n=BLOCKS_OVERRIDE[1])
     return cfg
 
 
-def _launch_options(cfg: _Config, device: torch.device) -> dict:
-    stages = cfg.num_stages[1] if _arch(device) >= 90 else cfg.num_stages[0]
-    return {"num_warps": cfg.num_warps, "num_stages": stages}
+def _launch_options(cfg: _Config) -> dict:
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get fp32 products (TF32 would lose ~3 decimal digits); ignored for 16-bit.
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+_TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """DOT_DTYPE / DOT_PRECISION: the operand dtype and precision of the kernels' tl.dot."""
+    if dtype == torch.bfloat16 and _interpreting():
+        # Triton's interpreter multiplies bf16 tiles as their uint16 storage. Widening to fp32
+        # is exact (bf16 x bf16 products fit fp32) and accumulates in fp32, as on the GPU.
+        return {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "ieee"}
+    # fp32 gets fp32 products (TF32 would lose 3 decimal digits); ignored for 16-bit operands.
+    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    return {"DOT_DTYPE": _TL_DTYPES[dtype], "DOT_PRECISION": precision}
 
 
 # --------------------------------------------------------------------------- backend contract
@@ -879,7 +890,7 @@ def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def plan_blocks(q: torch.Tensor) -> tuple[int, int]:
     """(block_m, block_n) of the forward kernel for q's head dim: they choose the plan."""
-    cfg = _config("fwd", q.dtype, q.shape[-1])
+    cfg = _config("fwd", q.dtype, q.shape[-1], q.device)
     return cfg.block_m, cfg.block_n
 
 
@@ -904,7 +915,7 @@ def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None):
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     _common_checks(q, k)
-    cfg = _config("fwd", q.dtype, d)
+    cfg = _config("fwd", q.dtype, d, q.device)
     layout = layout_fn(cfg.block_m, cfg.block_n)
     la = _layout_args(layout)
     qs, qk_scale, _ = _scales(q, scale)
@@ -922,14 +933,13 @@ def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None):
         HAS_KEY_MASK=key_mask is not None,
         IS_FP64=q.dtype == torch.float64,
         EXP2=_exp2(q.dtype),
-        DOT_PRECISION=_dot_precision(q.dtype),
-        WIDEN_DOT=_interpreting() and q.dtype == torch.bfloat16,
+        **_dot_args(q.dtype),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_D=_block_d(d),
         HEAD_DIM=d,
         **la.constexprs(),
-        **_launch_options(cfg, q.device),
+        **_launch_options(cfg),
     )  # fmt: skip
     return out, lse
 
@@ -967,13 +977,12 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
         HAS_KEY_MASK=key_mask is not None,
         IS_FP64=q.dtype == torch.float64,
         EXP2=_exp2(q.dtype),
-        DOT_PRECISION=_dot_precision(q.dtype),
-        WIDEN_DOT=_interpreting() and q.dtype == torch.bfloat16,
+        **_dot_args(q.dtype),
         BLOCK_D=_block_d(d),
         HEAD_DIM=d,
     )
 
-    cfg = _config("dq", q.dtype, d)
+    cfg = _config("dq", q.dtype, d, q.device)
     layout = layout_fn(cfg.block_m, cfg.block_n)
     la = _layout_args(layout)
     _bwd_dq_kernel[(layout.num_q_blocks, b * h)](
@@ -984,10 +993,10 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
         h, h // h_kv, layout.num_classes, n_q, n_k, layout.q_offset,
         layout.num_q_blocks, layout.kv_full_idx.shape[-1], layout.kv_part_idx.shape[-1],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, **la.constexprs(),
-        **_launch_options(cfg, q.device),
+        **_launch_options(cfg),
     )  # fmt: skip
 
-    cfg = _config("dkdv", q.dtype, d)
+    cfg = _config("dkdv", q.dtype, d, q.device)
     layout = layout_fn(cfg.block_m, cfg.block_n)
     la = _layout_args(layout)
     _bwd_dkdv_kernel[(layout.num_k_blocks, b * h_kv)](
@@ -998,7 +1007,7 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
         h, h // h_kv, layout.num_classes, n_q, n_k, layout.q_offset,
         layout.num_k_blocks, layout.q_full_idx.shape[-1], layout.q_part_idx.shape[-1],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, **la.constexprs(),
-        **_launch_options(cfg, q.device),
+        **_launch_options(cfg),
     )  # fmt: skip
     if q.dtype == torch.float64:
         dq = dq * scale
@@ -1040,6 +1049,9 @@ def _signature(kernel, dtype: str) -> dict[str, str]:
     return sig
 
 
+_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def _divisible_by_16(kernel) -> tuple[str, ...]:
     sig = _signature(kernel, "fp16")
     return tuple(n for n, t in sig.items() if t.startswith("*") or n.startswith("stride_"))
@@ -1056,17 +1068,17 @@ def compile_configs():
     kernels = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
     terms = {"NUM_TERMS": 2, "USE_MOD": True, "USE_GROUP": True, "USE_COLS": True}
     tiles = {"NUM_TERMS": 1, "USE_MOD": False, "USE_GROUP": False, "USE_COLS": False}
-    for (kname, wide, block_d), cfg in _CONFIGS.items():
+    for (kname, wide, block_d), per_arch in _CONFIGS.items():
         kernel = kernels[kname]
         for dtype in ("fp32",) if wide else ("fp16", "bf16"):
             variants = [("terms", {**terms, "USE_TILES": False})]
             if dtype == "fp16":
                 variants.append(("tiles", {**tiles, "USE_TILES": True}))
             for vname, flags in variants:
-                for arch, stages in zip((80, 90), cfg.num_stages):
+                for arch, cfg in per_arch.items():
                     yield KernelConfig(
-                        name=f"sparse_{kname}[D={block_d},{dtype},{vname},"
-                        f"{cfg.block_m}x{cfg.block_n},w{cfg.num_warps}s{stages}]",
+                        name=f"sparse_{kname}[D={block_d},{dtype},{vname},{cfg.block_m}x"
+                        f"{cfg.block_n},w{cfg.num_warps}s{cfg.num_stages}]",
                         fn=kernel,
                         signature=_signature(kernel, dtype),
                         constexprs={
@@ -1074,16 +1086,16 @@ def compile_configs():
                             "HAS_KEY_MASK": True,
                             "IS_FP64": False,
                             "EXP2": not wide,
+                            "DOT_DTYPE": _TL_DTYPES[_TORCH_DTYPES[dtype]],
                             "DOT_PRECISION": "ieee" if wide else "tf32",
-                            "WIDEN_DOT": False,
                             "BLOCK_M": cfg.block_m,
                             "BLOCK_N": cfg.block_n,
                             "BLOCK_D": block_d,
                             "HEAD_DIM": block_d,
                         },
                         num_warps=cfg.num_warps,
-                        num_stages=stages,
-                        # torch allocations and the strides of [.., D] rows with D % 16 == 0.
+                        num_stages=cfg.num_stages,
+                        # torch allocations, and strides of [..., D] rows with D % 16 == 0.
                         divisible_by_16=_divisible_by_16(kernel),
                         archs=(arch,),
                     )
