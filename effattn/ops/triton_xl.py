@@ -9,10 +9,13 @@ Semantics: :func:`effattn.reference.xl_attention`. With M = N - L memory positio
 Nothing of size [L, N] is ever formed. Query and key blocks have the same size B, so the
 distances of a (query block, key block) tile span 2B - 1 consecutive values starting at
 dmin = M + i0 - j0 - B + 1. Each tile multiplies (Q_tile + vb) [B, D] with only that band of r
-rows (padded to 2B, rows clamped to [0, R - 1]: the clamping of distances >= R is just the
-clamping of the band's row indices) and reads the [B, 2B] product skewed with
-``tl.gather(band, idx, axis=1)``, idx[a, c] = a - c + B - 1. ``tl.gather`` exists since Triton
-3.3 (it is in 3.6 and 3.9, the versions this project targets) and runs in the interpreter.
+rows, as two [B, B] halves (lo: distances dmin .. dmin + B - 1, hi: the next B; row indices
+clamped to [0, R - 1], which is all that clamp_len takes), and reads the products skewed with
+``tl.gather``: query a and key c read column a - c + B - 1 of the band, in lo when c >= a, in
+hi otherwise. Walking the keys of a query block, the next key block's hi half is this block's
+lo half, so the forward (and dq) multiply one new [B, D] block of r per step: the position
+term costs as much as the content term. ``tl.gather`` exists since Triton 3.3 (so in 3.6 and
+3.9, the versions this project targets) and runs in the interpreter.
 
 Only key blocks holding an allowed distance are visited: for query block [i0, i0 + B) keys
 from max(0, M + i0 - window + 1) to M + i0 + B - 1.
@@ -25,13 +28,16 @@ Backward, three kernels, no atomics:
         position part), reduced over blocks and batch afterwards.
     dr:   one program per (block diagonal, batch, head). With BM = BN, all tiles with the same
         qb - kb read the same band of r rows, so a program walks one block diagonal and
-        accumulates the band's gradient [2B, D] in registers (the position part of dS, skewed
-        back into band order with a gather, times Q_tile + vb). Adjacent diagonals' bands
-        overlap by B - 1 rows; the partials are folded and summed over batch with slicing,
+        accumulates the band's gradient, two [B, D] halves, in registers (the position
+        part of dS read back into band order with gathers, times Q_tile + vb). Adjacent
+        diagonals' bands overlap by B - 1 rows; the partials are folded and summed over batch with slicing,
         deterministically, and distances >= R - 1 are summed into r[R - 1].
 
-Precision: dot products take the input dtype (fp32 with input_precision="ieee", no TF32) and
-accumulate in fp32, everything in fp64 for fp64 inputs (interpreter only: gradcheck).
+Precision: dot products take the input dtype and accumulate in fp32; fp32 inputs multiply in
+3xTF32 (fp32 accuracy on tensor cores; head dims up to 64, larger fp32 head dims are refused
+with a clear error: their tiles spill), fp64 inputs in fp64 (interpreter only: gradcheck).
+Head dims pad to a power of two (BLOCK_D) with masked loads; D % 16 == 0 (16, 64, 80, 96,
+...) loads rows as 16-byte vectors, other D (41, ...) element by element.
 """
 
 from __future__ import annotations
@@ -360,20 +366,39 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_config(head_dim: int, dtype: torch.dtype, *, interpreted: bool = False):
-    """(BLOCK, num_warps, num_stages) for this head dim and dtype.
+# kernel -> BLOCK_D -> (BLOCK, num_warps): the largest tiles that ptxas fits in registers
+# without spilling on sm_80 and sm_90 (bench/compile_report.py checks every entry). The band
+# product adds a [B, B] accumulator and two r tiles to flash attention's working set; the
+# backward kernels hold more tiles still.
+_HALF = {
+    "fwd": {16: (64, 8), 32: (64, 8), 64: (64, 8), 128: (32, 4), 256: (32, 4)},
+    "bwd_dkdv": {16: (32, 4), 32: (32, 4), 64: (32, 4), 128: (32, 8), 256: (16, 8)},
+    "bwd_dq": {16: (32, 4), 32: (32, 4), 64: (32, 4), 128: (32, 8), 256: (16, 8)},
+    "bwd_dr": {16: (32, 4), 32: (32, 4), 64: (32, 4), 128: (32, 8), 256: (32, 8)},
+}
+# fp32 multiplies in 3xTF32 (operands split in two: fp32 accuracy on tensor cores), which
+# doubles the operand registers: up to head dim 64 only (FP32_MAX_HEAD_DIM). Larger fp32
+# head dims spill even at 16-row tiles; they are refused rather than run in plain TF32.
+_FP32 = {
+    "fwd": {16: (32, 8), 32: (32, 8), 64: (32, 8)},
+    "bwd_dkdv": {16: (16, 4), 32: (16, 4), 64: (16, 4)},
+    "bwd_dq": {16: (16, 4), 32: (16, 4), 64: (16, 4)},
+    "bwd_dr": {16: (16, 4), 32: (16, 4), 64: (16, 4)},
+}
+FP32_MAX_HEAD_DIM = 64
 
-    The interpreter takes small blocks, so tiny test shapes still cross many tiles and
-    diagonals. On GPU the [B, 2B] band product is the largest live tile: B = 64 fits the
-    registers up to D = 128 in fp16/bf16; fp32 and larger head dims take B = 32 (every
-    choice is compiled by compile_configs() and checked for spills).
+
+def block_config(head_dim: int, dtype: torch.dtype, *, kernel: str = "fwd", interpreted=False):
+    """(BLOCK, num_warps, num_stages) of ``kernel`` ("fwd", "bwd_dkdv", "bwd_dq", "bwd_dr").
+
+    Each kernel tiles independently (query and key blocks equal within a kernel). The
+    interpreter takes small blocks, so tiny test shapes still cross many tiles and diagonals.
     """
     if interpreted:
         return 16, 4, 1
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if dtype == torch.float32 or block_d > 128:
-        return 32, 4, 2
-    return 64, 4 if block_d <= 64 else 8, 2
+    block, warps = (_FP32 if dtype == torch.float32 else _HALF)[kernel][block_d]
+    return block, warps, 2
 
 
 def xl_check(q: torch.Tensor) -> None:
@@ -383,6 +408,11 @@ def xl_check(q: torch.Tensor) -> None:
     if q.is_cuda:
         if q.dtype == torch.float64:
             raise TypeError("the triton backend runs fp64 only in the interpreter (CPU tensors)")
+        if q.dtype == torch.float32 and q.shape[-1] > FP32_MAX_HEAD_DIM:
+            raise TypeError(
+                f"the triton XL kernels take fp32 only up to head dim {FP32_MAX_HEAD_DIM} "
+                f"(got {q.shape[-1]}): use fp16/bf16, or backend='torch' for fp32"
+            )
     elif not (q.device.type == "cpu" and _interpreting()):
         raise ValueError(
             "the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
@@ -395,25 +425,31 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _setup(q, k, r, scale, window):
-    """(sizes for the kernels, BLOCK, launch meta, the scale as a 1-element tensor).
+    """(sizes for the kernels, the scale as a 1-element tensor).
 
     The scale travels as a tensor: a Python float argument would be an fp32 scalar, too
     coarse for the fp64 path.
     """
-    b, h, n_q, d = q.shape
+    h, n_q = q.shape[1], q.shape[2]
     n_k = k.shape[2]
-    block, warps, stages = block_config(d, q.dtype, interpreted=not q.is_cuda)
     win = n_k if window is None else min(int(window), n_k)
-    sizes = (n_q, n_k, r.shape[1], win, h, h // k.shape[1], d)
-    meta = {
+    sizes = (n_q, n_k, r.shape[1], win, h, h // k.shape[1], q.shape[3])
+    scale_t = torch.tensor([scale], dtype=_acc(q.dtype), device=q.device)
+    return sizes, scale_t
+
+
+def _launch(q, kernel: str) -> tuple[int, dict]:
+    """(BLOCK, launch keywords) of one kernel for q's head dim and dtype."""
+    block, warps, stages = block_config(
+        q.shape[3], q.dtype, kernel=kernel, interpreted=not q.is_cuda
+    )
+    return block, {
         "BLOCK": block,
-        "BLOCK_D": max(16, triton.next_power_of_2(d)),
+        "BLOCK_D": max(16, triton.next_power_of_2(q.shape[3])),
         "ACC": tl.float64 if q.dtype == torch.float64 else tl.float32,
         "num_warps": warps,
         "num_stages": stages,
     }
-    scale_t = torch.tensor([scale], dtype=_acc(q.dtype), device=q.device)
-    return sizes, block, meta, scale_t
 
 
 def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None):
@@ -422,7 +458,8 @@ def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None):
     Returns out [B, H, L, D] (q.dtype) and lse [B, H, L] (fp32, fp64 for fp64).
     """
     q, k, v, r, u, vb = (t.contiguous() for t in (q, k, v, r, u, vb))
-    sizes, block, meta, scale_t = _setup(q, k, r, scale, window)
+    sizes, scale_t = _setup(q, k, r, scale, window)
+    block, meta = _launch(q, "fwd")
     b, h, n_q = q.shape[:3]
     out = torch.empty_like(q)
     lse = torch.empty(b, h, n_q, dtype=_acc(q.dtype), device=q.device)
@@ -461,25 +498,32 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
     """
     q, k, v, r, u, vb, dout = (t.contiguous() for t in (q, k, v, r, u, vb, dout))
     lse, delta = lse.contiguous(), delta.to(lse.dtype).contiguous()
-    sizes, block, meta, scale_t = _setup(q, k, r, scale, window)
+    sizes, scale_t = _setup(q, k, r, scale, window)
     n_q, n_k, n_r, win = sizes[:4]
     b, h, _, d = q.shape
     if q.numel() == 0:
         return tuple(torch.zeros_like(t) for t in (q, k, v, r, u, vb))
     acc = _acc(q.dtype)
-    n_qb, n_kb = triton.cdiv(n_q, block), triton.cdiv(n_k, block)
     args = (q, k, v, r, u, vb, scale_t, dout, lse, delta)
 
+    block, meta = _launch(q, "bwd_dkdv")
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    _xl_bwd_dkdv_kernel[(n_kb, b * k.shape[1])](*args, dk, dv, *sizes, **meta)
+    grid = (triton.cdiv(n_k, block), b * k.shape[1])
+    _xl_bwd_dkdv_kernel[grid](*args, dk, dv, *sizes, **meta)
 
+    block, meta = _launch(q, "bwd_dq")
+    n_qb = triton.cdiv(n_q, block)
     dq = torch.empty_like(q)
     du_part = torch.empty(b * h, n_qb, d, dtype=acc, device=q.device)
     dvb_part = torch.empty_like(du_part)
     _xl_bwd_dq_kernel[(n_qb, b * h)](*args, dq, du_part, dvb_part, *sizes, **meta)
+    du = du_part.view(b, h, n_qb, d).sum((0, 2))
+    dvb = dvb_part.view(b, h, n_qb, d).sum((0, 2))
 
+    block, meta = _launch(q, "bwd_dr")
     # Block diagonals e = qb - kb whose band [dmin, dmin + 2B - 2], dmin = M - B + 1 + e B,
     # meets the allowed distances [0, window - 1].
+    n_qb, n_kb = triton.cdiv(n_q, block), triton.cdiv(n_k, block)
     mem = n_k - n_q
     e_lo = max(-(n_kb - 1), -((mem + block - 1) // block))
     e_hi = min(n_qb - 1, (win - 1 - mem + block - 1) // block)
@@ -487,9 +531,6 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
     dr_part = torch.empty(b * h, n_diag, 2 * block, d, dtype=acc, device=q.device)
     _xl_bwd_dr_kernel[(n_diag, b * h)](*args, dr_part, *sizes, e_lo, **meta)
     dr = _fold_bands(dr_part.view(b, h, n_diag, 2 * block, d), mem - block + 1 + e_lo * block, n_r)
-
-    du = du_part.view(b, h, n_qb, d).sum((0, 2))
-    dvb = dvb_part.view(b, h, n_qb, d).sum((0, 2))
     return dq, dk, dv, dr.to(r.dtype), du.to(u.dtype), dvb.to(vb.dtype)
 
 
@@ -512,6 +553,8 @@ def compile_configs():
     for block_d in (16, 32, 64, 128, 256):
         for div16 in (True, False):
             for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                if dtype == torch.float32 and block_d > FP32_MAX_HEAD_DIM:
+                    continue
                 ty = _TL_DTYPES[dtype]
                 for label, (fn, outs) in _KERNELS.items():
                     block, warps, stages = block_config(block_d, dtype, kernel=label)
