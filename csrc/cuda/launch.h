@@ -20,7 +20,8 @@ void dispatch(int dtype, int head_dim, const char* what, F&& f) {
   using D64 = std::integral_constant<int, 64>;
   using D128 = std::integral_constant<int, 128>;
   if (dtype != kFloat16 && dtype != kBFloat16) {
-    throw std::invalid_argument(std::string(what) + ": dtype code must be 0 (fp16) or 1 (bf16), got " +
+    throw std::invalid_argument(std::string(what) +
+                                ": dtype code must be 0 (fp16) or 1 (bf16), got " +
                                 std::to_string(dtype));
   }
   if (head_dim != 64 && head_dim != 128) {

@@ -196,7 +196,8 @@ struct SparseBackwardDkDv {
       const int qb =
           partial ? dev::gload(reinterpret_cast<const int32_t*>(p.q_part_idx) +
                                row * p.max_q_part + (i - n_full))
-                  : dev::gload(reinterpret_cast<const int32_t*>(p.q_full_idx) + row * p.max_q_full + i);
+                  : dev::gload(reinterpret_cast<const int32_t*>(p.q_full_idx) +
+                               row * p.max_q_full + i);
       const auto* Q = reinterpret_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
       const auto* DO = reinterpret_cast<const uint16_t*>(p.dout) + b * p.do_sb + h * p.do_sh;
       load_tile_async<kSparseBlock, D, kThreads>(sQ + buf * kTile, kLd, Q, p.q_sn,

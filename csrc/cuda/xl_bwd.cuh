@@ -139,8 +139,10 @@ struct XlBackwardDkDv : XlBackwardBase<E, D> {
     const int d0 = kh * (D / 2);        // and head-dim columns d0 .. d0 + D/2 - 1
     const int64_t kv_row0 = static_cast<int64_t>(dev::block_y()) * p.n_k;
 
-    load_tile_async<kXlBlock, D, kThreads>(s.k, kLd, reinterpret_cast<const uint16_t*>(p.k) + kv_row0 * D, D, j0, p.n_k);
-    load_tile_async<kXlBlock, D, kThreads>(s.v, kLd, reinterpret_cast<const uint16_t*>(p.v) + kv_row0 * D, D, j0, p.n_k);
+    load_tile_async<kXlBlock, D, kThreads>(
+        s.k, kLd, reinterpret_cast<const uint16_t*>(p.k) + kv_row0 * D, D, j0, p.n_k);
+    load_tile_async<kXlBlock, D, kThreads>(
+        s.v, kLd, reinterpret_cast<const uint16_t*>(p.v) + kv_row0 * D, D, j0, p.n_k);
     dev::cp_async_commit();
 
     float dk[D / 16][4], dv[D / 16][4];
@@ -207,8 +209,8 @@ struct XlBackwardDkDv : XlBackwardBase<E, D> {
         }
       }
       if (tid < kXlBlock && j0 + tid < p.n_k) {
-        dev::gstore(reinterpret_cast<float*>(p.colsum) + static_cast<int64_t>(bh) * p.n_k + j0 + tid,
-                    colsum * p.scale);
+        float* dst = reinterpret_cast<float*>(p.colsum) + static_cast<int64_t>(bh) * p.n_k;
+        dev::gstore(dst + j0 + tid, colsum * p.scale);
       }
       colsum = 0.f;
     }

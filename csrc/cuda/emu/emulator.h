@@ -469,7 +469,8 @@ inline void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
         A[row][col] = val(w.a[i][e >> 1], e & 1);
       }
       // B: b_e at row 2t + (e & 1) (+8 for e >= 2), column g.
-      for (int e = 0; e < 4; ++e) B[2 * t + (e & 1) + (e >= 2 ? 8 : 0)][g] = val(w.b[i][e >> 1], e & 1);
+      for (int e = 0; e < 4; ++e)
+        B[2 * t + (e & 1) + (e >= 2 ? 8 : 0)][g] = val(w.b[i][e >> 1], e & 1);
       // C / D: c_e at row g (+8 for e >= 2), column 2t + (e & 1).
       for (int e = 0; e < 4; ++e) C[g + (e >= 2 ? 8 : 0)][2 * t + (e & 1)] = w.c[i][e];
     }

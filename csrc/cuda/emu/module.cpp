@@ -73,7 +73,8 @@ PYBIND11_MODULE(effattn_cuda_emu, m) {
       "emulator_ranges",
       [](std::vector<std::pair<uintptr_t, uintptr_t>> ranges) {
         effattn::cuda::g_ranges.clear();
-        for (const auto& r : ranges) effattn::cuda::g_ranges.emplace_back(r.first, r.first + r.second);
+        for (const auto& r : ranges)
+          effattn::cuda::g_ranges.emplace_back(r.first, r.first + r.second);
       },
       py::arg("ranges"),
       "Buffers (address, bytes) the next launches may access; every other global access fails.");
