@@ -143,6 +143,28 @@ def test_sparse_vs_reference(pattern, small_blocks):
     )
 
 
+@pytest.mark.parametrize(
+    "pattern,n_q,n_k",
+    [
+        (patterns.fixed(32, 4), 30, 40),
+        (patterns.fixed(24, 6, num_patterns=2), 30, 40),
+        (patterns.fixed(32, 8, causal=False), 60, 90),
+    ],
+    ids=["fixed", "fixed-2-patterns", "fixed-noncausal"],
+)
+def test_sparse_natural_order_fixed(pattern, n_q, n_k, small_blocks):
+    """Plans that keep natural order: partial blocks evaluate the summary-columns terms."""
+    assert len(plan(pattern, n_q, n_k, 16, 16)) == 1
+    kpm = torch.rand(2, n_k, generator=torch.Generator().manual_seed(9)) < 0.2
+    kpm[1, :12] = True
+    _compare_fp32(
+        _sparse(pattern, kpm, "cpu"),
+        _sparse(pattern, kpm, "reference"),
+        list(_qkv(2, 4, 2, n_q, n_k, 24, seed=9)),
+        ("dq", "dk", "dv"),
+    )
+
+
 def test_sparse_custom_mask(small_blocks):
     """from_mask patterns: partial blocks read the stored tiles."""
     n_q, n_k = 70, 90

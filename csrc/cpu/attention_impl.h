@@ -200,13 +200,6 @@ const T* rows_block(const T* src, i64 sn, i64 sd, i64 n, i64 D, i64 Dp, i64 j0, 
   return scratch;
 }
 
-// dst[r][d] = src[r][d] for r < rows, zero up to BM rows and Dp columns.
-template <class T>
-void pack_rows(const T* src, i64 sn, i64 sd, i64 rows, i64 D, i64 Dp, i64 BM, T* dst) {
-  for (i64 r = 0; r < BM; ++r)
-    for (i64 d = 0; d < Dp; ++d) dst[r * Dp + d] = r < rows && d < D ? src[r * sn + d * sd] : T(0);
-}
-
 // dst[d][r] = mul * src[r][d] for r < rows (zero for rows <= r < BM): a query block transposed.
 template <class T>
 void pack_t(const T* src, i64 sn, i64 sd, i64 rows, i64 D, i64 BM, T mul, T* dst) {
@@ -449,32 +442,166 @@ void sparse_forward_impl(const SparseArgs& a) {
   run_parallel(a.B * a.H * a.nqb, a.threads, body);
 }
 
+// The backward works in row orientation (S = Q . Kt, [BM queries][BN keys]): its tasks own key
+// blocks, so K and V are transposed once per key block and Q and dO are read in place. Its
+// masks are the terms seen from a query: the keys each allows.
+
+// One packed term seen from query position p: the key columns jj (key j0 + jj, jj < BN) it
+// allows are [a, z] minus [ex_a, ex_z], stepping by `step` from a, and (smod > 0) only those
+// with smin <= j % smod <= smax.
+struct TermCols {
+  i64 a, z, ex_a, ex_z, step, smod, smin, smax;
+};
+
+inline bool term_cols(const int32_t* f, i64 p, i64 j0, i64 BN, TermCols& out) {
+  const i64 lo = f[0], hi = f[1], mod = f[2], gq = f[3], gk = f[4], grel = f[5];
+  const i64 smod = f[6], smin = f[7], smax = f[8];
+  i64 a = imax(0, p - hi - j0), z = imin(BN - 1, p - lo - j0);  // lo <= p - j <= hi
+  i64 ex_a = BN, ex_z = -1;
+  if (gq > 0) {
+    const i64 g0 = floordiv(p, gq) * gk - j0, g1 = g0 + gk - 1;  // keys of p's group
+    if (grel == kGroupEq) {
+      a = imax(a, g0);
+      z = imin(z, g1);
+    } else if (grel == kGroupLt) {
+      z = imin(z, g0 - 1);
+    } else {
+      ex_a = imax(g0, -1);
+      ex_z = imin(g1, BN);
+    }
+  }
+  if (mod > 0) {
+    a += posmod(p - j0 - a, mod);  // (p - j) % mod == 0
+    if (a <= z) z = a + (z - a) / mod * mod;
+  } else if (smod > 0 && a <= z) {
+    // Tighten to the first and last allowed columns (hull only: the periods between remain).
+    const i64 ra = posmod(j0 + a, smod), rz = posmod(j0 + z, smod);
+    if (ra < smin) a += smin - ra;
+    if (ra > smax) a += smod - ra + smin;
+    if (rz > smax) z -= rz - smax;
+    if (rz < smin) z -= rz + 1 + (smod - 1 - smax);
+  }
+  out = {a, z, ex_a, ex_z, mod > 0 ? mod : 1, smod, smin, smax};
+  return a <= z;
+}
+
+// Hull [lo, hi] of the key columns that an OR of terms [nt, 9] may allow for position p.
+inline void term_hull_row(const int32_t* terms, i64 nt, i64 p, i64 j0, i64 BN, int32_t& lo,
+                          int32_t& hi) {
+  i64 l = BN, h = -1;
+  TermCols tc;
+  for (i64 t = 0; t < nt; ++t)
+    if (term_cols(terms + 9 * t, p, j0, BN, tc)) {
+      l = imin(l, tc.a);
+      h = imax(h, tc.z);
+    }
+  lo = static_cast<int32_t>(l);
+  hi = static_cast<int32_t>(h);
+}
+
+// Hides the scores s [BN] (keys j0 + jj) of position p that no term allows: intervals (one per
+// period under a columns constraint) compared lane-wise, modulus terms one by one.
+template <class T>
+void apply_terms_row(const int32_t* terms, i64 nt, i64 p, i64 j0, i64 BN, T* s,
+                     typename VT<T>::I* keep) {
+  typedef typename VT<T>::I I;
+  typedef decltype(I{}[0]) Lane;
+  constexpr int W = VT<T>::W;
+  I iota;
+  for (int x = 0; x < W; ++x) iota[x] = static_cast<Lane>(x);
+  for (i64 c = 0; c < BN / W; ++c) keep[c] = I{};
+  auto add = [&](i64 a, i64 z, i64 ex_a, i64 ex_z) {
+    const I va = I{} + static_cast<Lane>(a), vz = I{} + static_cast<Lane>(z);
+    const I vea = I{} + static_cast<Lane>(ex_a), vez = I{} + static_cast<Lane>(ex_z);
+    for (i64 c = a / W; c <= z / W; ++c) {
+      const I jj = iota + static_cast<Lane>(c * W);
+      keep[c] |= (I)((jj >= va) & (jj <= vz) & ((jj < vea) | (jj > vez)));
+    }
+  };
+  TermCols tc;
+  for (i64 t = 0; t < nt; ++t) {
+    if (!term_cols(terms + 9 * t, p, j0, BN, tc)) continue;
+    if (tc.step > 1) {
+      Lane* lanes = reinterpret_cast<Lane*>(keep);
+      for (i64 jj = tc.a; jj <= tc.z; jj += tc.step) {
+        const i64 rem = tc.smod > 0 ? posmod(j0 + jj, tc.smod) : 0;
+        const bool cols_ok = tc.smod == 0 || (rem >= tc.smin && rem <= tc.smax);
+        if (cols_ok && (jj < tc.ex_a || jj > tc.ex_z)) lanes[jj] = static_cast<Lane>(-1);
+      }
+    } else if (tc.smod == 0) {
+      add(tc.a, tc.z, tc.ex_a, tc.ex_z);
+    } else {
+      // Periods [start + smin, start + smax] of the columns constraint, from the one holding a.
+      for (i64 st = tc.a - posmod(j0 + tc.a - tc.smin, tc.smod); st <= tc.z; st += tc.smod)
+        add(imax(st, tc.a), imin(st + tc.smax - tc.smin, tc.z), tc.ex_a, tc.ex_z);
+    }
+  }
+  const Vec<T> ninf = vset<T>(neg_inf<T>());
+  for (i64 c = 0; c < BN / W; ++c) vst(s + c * W, vsel<T>(keep[c], vld(s + c * W), ninf));
+}
+
+// Row-oriented tile (query block qb, key block kb): per query row il the hull [lo, hi] of its
+// possible keys (empty past n_q), and the pattern applied to the scores S [BM][BN].
+inline void row_hulls(const SparseArgs& a, const LayoutRow& lr, i64 t, i64 c, i64 qb, i64 kb,
+                      int32_t* lo, int32_t* hi) {
+  const bool partial = t >= lr.num_full;
+  const int32_t BN = static_cast<int32_t>(a.BN);
+  for (i64 il = 0; il < a.BM; ++il) {
+    lo[il] = 0;
+    hi[il] = BN - 1;
+    if (qb * a.BM + il >= a.n_q) {
+      lo[il] = BN;
+      hi[il] = -1;
+    } else if (partial && a.tiles != nullptr) {
+      const uint8_t* row = a.tiles + (lr.tile_of(t) * a.BM + il) * a.BN;
+      while (lo[il] < BN && !row[lo[il]]) ++lo[il];
+      while (hi[il] >= lo[il] && !row[hi[il]]) --hi[il];
+    } else if (partial) {
+      term_hull_row(a.terms + c * a.num_terms * 9, a.num_terms, a.q_offset + qb * a.BM + il,
+                    kb * a.BN, a.BN, lo[il], hi[il]);
+    }
+  }
+}
+
+template <class T>
+void mask_rows(const SparseArgs& a, const LayoutRow& lr, i64 t, i64 c, i64 qb, i64 kb,
+               const T* colb, T* S, T* keep) {
+  constexpr int W = VT<T>::W;
+  const bool partial = t >= lr.num_full;
+  for (i64 il = 0; il < a.BM && qb * a.BM + il < a.n_q; ++il) {
+    T* s = S + il * a.BN;
+    if (partial && a.tiles != nullptr) {
+      const uint8_t* row = a.tiles + (lr.tile_of(t) * a.BM + il) * a.BN;
+      for (i64 jj = 0; jj < a.BN; ++jj)
+        if (!row[jj]) s[jj] = neg_inf<T>();
+    } else if (partial) {
+      apply_terms_row<T>(a.terms + c * a.num_terms * 9, a.num_terms,
+                         a.q_offset + qb * a.BM + il, kb * a.BN, a.BN, s,
+                         reinterpret_cast<typename VT<T>::I*>(keep));
+    }
+    if (colb)
+      for (i64 jj = 0; jj < a.BN; jj += W) vst(s + jj, vld(s + jj) + vld(colb + jj));
+  }
+}
+
 template <class T>
 void sparse_backward_impl(const SparseArgs& a) {
   const i64 BM = a.BM, BN = a.BN, D = a.D, Dp = round_up(D, kPad);
   const i64 NQP = a.nqb * BM, pairs = a.B * a.Hkv, group = a.H / a.Hkv, BH = a.B * a.H;
   const T c2 = static_cast<T>(a.scale * kLog2e), scale = static_cast<T>(a.scale);
 
-  // Query side, packed once: Q (times scale * log2 e) and dO transposed per block [D][BM] for
-  // the score tiles, lse in base 2 (+inf for rows without gradient, whose probabilities are
-  // then 0) and delta. Q and dO rows (for dK and dV) are read in place.
-  Buf<T> qt(BH * NQP * D), dot(BH * NQP * D), lse2(BH * NQP), dlt(BH * NQP);
-  auto pack_q = [&](i64 task, int) {
-    const i64 qb = task % a.nqb, bh = task / a.nqb, b = bh / a.H, h = bh % a.H;
-    const i64 i0 = qb * BM, rows = imin(BM, a.n_q - i0), at = bh * NQP + i0;
-    const T* q = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1] + i0 * a.sq[2];
-    const T* dout = static_cast<const T*>(a.dout) + b * a.sdo[0] + h * a.sdo[1] + i0 * a.sdo[2];
-    pack_t(q, a.sq[2], a.sq[3], rows, D, BM, c2, qt.get() + at * D);
-    pack_t(dout, a.sdo[2], a.sdo[3], rows, D, BM, T(1), dot.get() + at * D);
+  // lse in base 2 (+inf for rows without gradient, whose probabilities are then 0) and delta.
+  Buf<T> lse2(BH * NQP), dlt(BH * NQP);
+  auto pack_q = [&](i64 bh, int) {
     const T* lse = static_cast<const T*>(a.lse_in) + bh * a.n_q;
     const T* delta = static_cast<const T*>(a.delta) + bh * a.n_q;
-    for (i64 i = i0; i < i0 + BM; ++i) {
+    for (i64 i = 0; i < NQP; ++i) {
       const bool ok = i < a.n_q && lse[i] > neg_inf<T>() && lse[i] < pos_inf<T>();
       lse2.get()[bh * NQP + i] = ok ? lse[i] * T(kLog2e) : pos_inf<T>();
       dlt.get()[bh * NQP + i] = ok ? delta[i] : T(0);
     }
   };
-  run_parallel(BH * a.nqb, a.threads, pack_q);
+  run_parallel(BH, a.threads, pack_q);
 
   const int S = num_segments(pairs, a.nkb);
   i64 bounds[5];
@@ -486,76 +613,83 @@ void sparse_backward_impl(const SparseArgs& a) {
   }
   Buf<T> dqbuf(S * BH * NQP * Dp);
 
-  // Per thread: probabilities, dP / dS (transposed tiles), dK and dV accumulators, K, V, Q and
-  // dO copies, mask lanes.
-  const i64 per_thread = 2 * BN * BM + 4 * BN * Dp + 2 * BM * Dp + BM;
+  // Per thread: P and dP / dS tiles [BM][BN], dK and dV accumulators, K rows, Kt (times
+  // scale * log2 e) and Vt blocks [D][BN], Q and dO row copies, column bias, mask lanes.
+  const i64 per_thread = 2 * BM * BN + 3 * BN * Dp + 2 * D * BN + 2 * BM * Dp + 2 * BN;
   Buf<T> scratch(per_thread * a.threads);
-  // Per thread: hulls of the key rows, query ranges of the key tiles, key ranges of the query
-  // tiles.
-  const i64 per_thread_i = 4 * BN + 2 * BM;
+  // Per thread: key hulls of the query rows, their ranges per tile of keys and of queries.
+  const i64 per_thread_i = 2 * BM + 2 * BN + 2 * BM;
   Buf<int32_t> iscratch(per_thread_i * a.threads);
   auto body = [&](i64 task, int thread) {
     const int seg = static_cast<int>(task % S);
     const i64 bk = task / S, b = bk / a.Hkv, hk = bk % a.Hkv;
-    T* Pt = scratch.get() + thread * per_thread;
-    T* dSt = Pt + BN * BM;
-    T* dk_acc = dSt + BN * BM;
+    T* P = scratch.get() + thread * per_thread;
+    T* dS = P + BM * BN;
+    T* dk_acc = dS + BM * BN;
     T* dv_acc = dk_acc + BN * Dp;
     T* kbuf = dv_acc + BN * Dp;
-    T* vbuf = kbuf + BN * Dp;
-    T* qbuf = vbuf + BN * Dp;
+    T* kt = kbuf + BN * Dp;
+    T* vt = kt + D * BN;
+    T* qbuf = vt + D * BN;
     T* dobuf = qbuf + BM * Dp;
-    T* keep = dobuf + BM * Dp;
+    T* colb = dobuf + BM * Dp;
+    T* keep = colb + BN;
     int32_t* lo = iscratch.get() + thread * per_thread_i;
-    int32_t* hi = lo + BN;
-    int32_t* qlo = hi + BN;
+    int32_t* hi = lo + BM;
+    int32_t* qlo = hi + BM;
     int32_t* qhi = qlo + BN;
     int32_t* klo = qhi + BN;
     int32_t* khi = klo + BM;
     const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
     const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
     for (i64 kb = bounds[seg]; kb < bounds[seg + 1]; ++kb) {
-      const i64 j0 = kb * BN;
-      i64 ldk, ldv;
+      const i64 j0 = kb * BN, cnt = imin(BN, a.n_k - j0);
+      i64 ldk;
       const T* kr = rows_block(k, a.sk[2], a.sk[3], a.n_k, D, Dp, j0, BN, true, kbuf, ldk);
-      const T* vr = rows_block(v, a.sv[2], a.sv[3], a.n_k, D, Dp, j0, BN, false, vbuf, ldv);
+      pack_t(k + j0 * a.sk[2], a.sk[2], a.sk[3], cnt, D, BN, c2, kt);
+      pack_t(v + j0 * a.sv[2], a.sv[2], a.sv[3], cnt, D, BN, T(1), vt);
       for (i64 x = 0; x < 2 * BN * Dp; ++x) dk_acc[x] = T(0);
       for (i64 g = 0; g < group; ++g) {
         const i64 h = hk * group + g, bh = b * a.H + h, c = h % a.P;
         const uint8_t* km = key_mask_of(a, b, h);
+        bool any_hidden = false;
+        for (i64 jj = 0; jj < BN; ++jj) {
+          const bool hidden = key_hidden(a, km, j0 + jj);
+          colb[jj] = hidden ? neg_inf<T>() : T(0);
+          any_hidden |= hidden;
+        }
         const LayoutRow lr = q_row(a, c, kb);
         T* dq_bh = dqbuf.get() + (seg * BH + bh) * NQP * Dp;
         const T* q_bh = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1];
         const T* do_bh = static_cast<const T*>(a.dout) + b * a.sdo[0] + h * a.sdo[1];
         for (i64 t = 0; t < lr.num; ++t) {
-          const i64 qb = lr.block(t), at = bh * NQP + qb * BM;
+          const i64 qb = lr.block(t), i0 = qb * BM;
           i64 ldq, ldo;
-          const T* qr = rows_block(q_bh, a.sq[2], a.sq[3], a.n_q, D, Dp, qb * BM, BM, true, qbuf,
-                                   ldq);
-          const T* dor = rows_block(do_bh, a.sdo[2], a.sdo[3], a.n_q, D, Dp, qb * BM, BM, true,
-                                    dobuf, ldo);
-          tile_hulls(a, km, lr, t, c, qb, kb, lo, hi);
-          gemm_abt_hull<T>(BN, BM, D, kr, ldk, qt.get() + at * D, BM, Pt, BM, lo, hi,
-                           neg_inf<T>());
-          gemm_abt_hull<T>(BN, BM, D, vr, ldv, dot.get() + at * D, BM, dSt, BM, lo, hi, T(0));
-          mask_tile<T>(a, km, lr, t, c, qb, kb, Pt, keep);
-          const T* l2 = lse2.get() + at;
-          const T* dl = dlt.get() + at;
+          const T* qr = rows_block(q_bh, a.sq[2], a.sq[3], a.n_q, D, Dp, i0, BM, true, qbuf, ldq);
+          const T* dor =
+              rows_block(do_bh, a.sdo[2], a.sdo[3], a.n_q, D, Dp, i0, BM, true, dobuf, ldo);
+          row_hulls(a, lr, t, c, qb, kb, lo, hi);
+          gemm_abt_hull<T>(BM, BN, D, qr, ldq, kt, BN, P, BN, lo, hi, neg_inf<T>());
+          gemm_abt_hull<T>(BM, BN, D, dor, ldo, vt, BN, dS, BN, lo, hi, T(0));
+          mask_rows<T>(a, lr, t, c, qb, kb, any_hidden ? colb : nullptr, P, keep);
           // dS carries the score scale, so dK and dQ need no final scaling.
-          for (i64 jj = 0; jj < BN; ++jj)
-            for (i64 x = 0; x < BM; x += VT<T>::W) {
-              const Vec<T> p = vexp2(vld(Pt + jj * BM + x) - vld(l2 + x));
-              vst(Pt + jj * BM + x, p);
-              vst(dSt + jj * BM + x, p * (vld(dSt + jj * BM + x) - vld(dl + x)) * scale);
+          const T* l2 = lse2.get() + bh * NQP + i0;
+          const T* dl = dlt.get() + bh * NQP + i0;
+          for (i64 il = 0; il < BM; ++il) {
+            const Vec<T> lv = vset<T>(l2[il]), dv = vset<T>(dl[il]);
+            for (i64 jj = 0; jj < BN; jj += VT<T>::W) {
+              const Vec<T> p = vexp2(vld(P + il * BN + jj) - lv);
+              vst(P + il * BN + jj, p);
+              vst(dS + il * BN + jj, p * (vld(dS + il * BN + jj) - dv) * scale);
             }
-          ranges_by_rows(BN, lo, hi, qlo, qhi);
-          gemm_ab_ranged<T>(BN, Dp, Pt, BM, 1, dor, ldo, dv_acc, Dp, qlo, qhi);
-          gemm_ab_ranged<T>(BN, Dp, dSt, BM, 1, qr, ldq, dk_acc, Dp, qlo, qhi);
-          ranges_by_cols(BM, BN, lo, hi, klo, khi);
-          gemm_ab_ranged<T>(BM, Dp, dSt, 1, BM, kr, ldk, dq_bh + qb * BM * Dp, Dp, klo, khi);
+          }
+          ranges_by_cols(BN, BM, lo, hi, qlo, qhi);
+          gemm_ab_ranged<T>(BN, Dp, P, 1, BN, dor, ldo, dv_acc, Dp, qlo, qhi);
+          gemm_ab_ranged<T>(BN, Dp, dS, 1, BN, qr, ldq, dk_acc, Dp, qlo, qhi);
+          ranges_by_rows(BM, lo, hi, klo, khi);
+          gemm_ab_ranged<T>(BM, Dp, dS, BN, 1, kr, ldk, dq_bh + i0 * Dp, Dp, klo, khi);
         }
       }
-      const i64 cnt = imin(BN, a.n_k - j0);
       T* dk = static_cast<T*>(a.dk) + (bk * a.n_k + j0) * D;
       T* dvo = static_cast<T*>(a.dv) + (bk * a.n_k + j0) * D;
       for (i64 jj = 0; jj < cnt; ++jj)
