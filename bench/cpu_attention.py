@@ -9,13 +9,15 @@ strided(128), and causal as a parity check), in one run:
     flex          FlexAttention, torch.compile'd, forward only (it has no CPU backward)
 
 each forward ("fwd") and forward + backward ("fwd+bwd"). Reported: median wall time over
---repeats runs after a warm-up (min and max alongside, since other processes share the CPU),
-the time relative to SDPA causal at the same n and pass (measured in the same run, before and
-after the other methods, all samples pooled), and the extra peak memory.
+--repeats runs after a warm-up (min and max alongside, since other processes share the CPU;
+at most 3 runs for calls over 10 s), the time relative to SDPA causal at the same n and pass
+(measured in the same run, before and after the other methods, all samples pooled), the
+median process CPU time and its ratio likewise (a view that other processes' load does not
+inflate), and the extra peak memory.
 
-Peak memory is the growth of the process's resident set over one call: the kernel's high-water
-mark (VmHWM) is reset through /proc/self/clear_refs and free heap memory is returned to the OS
-(malloc_trim) just before the call, so peak - baseline counts every page the call touched
+Peak memory is the growth of the process's resident set over the first timed call: the
+process's high-water mark (VmHWM) is reset through /proc/self/clear_refs and free heap memory
+is returned to the OS (malloc_trim) just before it, so peak - baseline counts every page the call touched
 (PyTorch's allocations, the extension's own buffers, SDPA's internals) and nothing left over
 from earlier cases. Inputs exist before the baseline; outputs and gradients count as extra.
 Linux only (None elsewhere). SDPA with a dense mask is skipped (and reported so) when its
@@ -73,8 +75,8 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def peak_extra_mib(fn) -> float | None:
-    """Resident-set growth (MiB) at the peak of one call of fn (see the module docstring)."""
+def _reset_peak() -> int | None:
+    """Return free heap memory to the OS, reset VmHWM; the resident set (KiB) as the baseline."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
     try:
@@ -82,28 +84,31 @@ def peak_extra_mib(fn) -> float | None:
             f.write("5")
     except OSError:
         return None
-    base = _status_kib("VmRSS")
-    fn()
-    peak = _status_kib("VmHWM")
-    if base is None or peak is None:
-        return None
-    return max(0, peak - base) / 1024
+    return _status_kib("VmRSS")
 
 
-def time_runs(fn, repeats: int) -> tuple[list[float], list[float]]:
-    """Wall and process CPU seconds of each of `repeats` calls, after a warm-up call.
+def time_runs(fn, repeats: int, slow_s: float = 10.0):
+    """(wall seconds, process CPU seconds, extra peak MiB) of timed calls after a warm-up call.
 
-    CPU time (all threads) does not grow when other processes take the cores, so it is a
-    load-independent view of the work; with several threads it includes their spinning.
+    The first timed call also gives the peak memory (module docstring); the reset happens
+    before its clock starts. Calls slower than slow_s get at most 3 repeats. CPU time (all
+    threads) does not grow when other processes take the cores: a load-independent view of
+    the work, which includes any spinning of idle worker threads.
     """
+    t = time.perf_counter()
     fn()  # warm-up: compilation, layouts, plans
-    wall, cpu = [], []
-    for _ in range(repeats):
+    if time.perf_counter() - t > slow_s:
+        repeats = min(repeats, 3)
+    wall, cpu, peak = [], [], None
+    for i in range(repeats):
+        base = _reset_peak() if i == 0 else None
         c, t = time.process_time(), time.perf_counter()
         fn()
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-    return wall, cpu
+        if base is not None and (hwm := _status_kib("VmHWM")) is not None:
+            peak = max(0, hwm - base) / 1024
+    return wall, cpu, peak
 
 
 # --------------------------------------------------------------------------- cases
@@ -219,8 +224,7 @@ def main() -> None:
         def measure(kind, pattern, passname, samples_into=None, n=n):
             backward = passname == "fwd+bwd"
             fn = runner(kind, pattern, n, backward, state)
-            ts, cpu_ts = time_runs(fn, repeats)
-            mem = peak_extra_mib(fn)
+            ts, cpu_ts, mem = time_runs(fn, repeats)
             if samples_into is not None:
                 samples_into[0].extend(ts)
                 samples_into[1].extend(cpu_ts)
