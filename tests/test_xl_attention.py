@@ -17,6 +17,14 @@ BACKENDS = ["torch", "triton"]
 INPUTS = ("q", "k", "v", "r", "u", "vb")
 
 
+@pytest.fixture(autouse=True)
+def small_torch_blocks(monkeypatch):
+    """Blocks of 8 queries, so that tiny shapes cross many blocks of the torch backend too."""
+    from effattn.ops import torch_xl
+
+    monkeypatch.setattr(torch_xl, "BLOCK", 8)
+
+
 def make(b, h, h_kv, n_q, mem, d, n_r, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     n_k = mem + n_q

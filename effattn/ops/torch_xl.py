@@ -6,10 +6,10 @@ positions, query i and key j are at distance d = M + i - j, allowed iff 0 <= d <
 S[i, j] = scale * ((q_i + u) . k_j + (q_i + vb) . r[min(d, R - 1)]).
 
 One query block [i0, i1) at a time, it touches only the keys the block can see,
-[max(0, M + i0 - window + 1), M + i1), and only the band of r rows their distances span
-(distances dmin .. dmax, rows clamped to R - 1): the band product (q + vb) r_band^T
-[B, H, rows, band] is read skewed with a gather (query i, key j read band column
-M + i - j - dmin), which is what the fused kernels do per tile. Memory is O(block x keys); nothing [L, M + L] is formed.
+[max(0, M + i0 - window + 1), M + i1), and only the r rows their distances reach (0 ..
+min(dmax, R - 1), a slice of r): the product (q + vb) r_rows^T [B, H, rows, band] is read
+skewed with a gather (query i, key j read column min(M + i - j, R - 1)), what the fused
+kernels do per tile. Memory is O(block x keys); nothing [L, M + L] is ever formed.
 
 Backend contract (also met by effattn.ops.triton_xl and effattn.ops.cpu):
     xl_forward(q, k, v, r, u, vb, *, scale, window) -> out [B, H, L, D] in q.dtype,
@@ -53,7 +53,12 @@ def _grouped(x: torch.Tensor, h_kv: int) -> torch.Tensor:
 
 
 def _tile(q, k, v, r, u, vb, i0, i1, j0, j1, dmin, dmax, scale, window):
-    """Everything a block needs: (qu, qv, k, v, r_band, skew index, allowed, scores)."""
+    """What a query block needs: (qu, qv, k, v, r rows 0:hi, dist, scores).
+
+    The block's distances span dmin .. dmax, dmin <= 0 (its keys reach its first query's
+    own position); the r rows they use are 0 .. hi - 1 (negative distances are masked,
+    distances >= R - 1 all use row R - 1): a slice of r, no copy.
+    """
     acc = _acc(q)
     b, h, _, d = q.shape
     h_kv = k.shape[1]
@@ -61,21 +66,20 @@ def _tile(q, k, v, r, u, vb, i0, i1, j0, j1, dmin, dmax, scale, window):
     qb = q[:, :, i0:i1].to(acc)
     qu, qv = qb + u.to(acc)[:, None], qb + vb.to(acc)[:, None]
     kb, vb_ = k[:, :, j0:j1].to(acc), v[:, :, j0:j1].to(acc)
-    rows = torch.arange(dmin, dmax + 1, device=q.device).clamp(0, r.shape[1] - 1)
-    r_band = r[:, rows].to(acc)  # [H, n_band, D]
+    hi = min(dmax, r.shape[1] - 1) + 1
+    r_rows = r[:, :hi].to(acc)  # [H, hi, D]
     i = torch.arange(i0, i1, device=q.device).view(-1, 1)
     j = torch.arange(j0, j1, device=q.device).view(1, -1)
     dist = mem + i - j
-    skew = dist - dmin  # band column of (query, key)
     allowed = dist >= 0
     if window is not None:
         allowed &= dist < window
     n = i1 - i0
     ac = (_grouped(qu, h_kv) @ kb.transpose(-1, -2)).view(b, h, n, j1 - j0)
-    band = qv @ r_band.transpose(-1, -2)  # [B, H, n, n_band]
-    bd = band.gather(-1, skew.expand(b, h, -1, -1))
+    by_row = qv @ r_rows.transpose(-1, -2)  # [B, H, n, hi]: (q_i + vb) . r[t]
+    bd = by_row.gather(-1, dist.clamp(0, hi - 1).expand(b, h, -1, -1))
     s = ((ac + bd) * scale).masked_fill(~allowed, float("-inf"))
-    return qu, qv, kb, vb_, r_band, skew, s
+    return qu, qv, kb, vb_, r_rows, dist, s
 
 
 def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None):
@@ -107,7 +111,6 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
     acc = _acc(q)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
-    n_r = r.shape[1]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
@@ -115,7 +118,7 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
     du = torch.zeros(u.shape, dtype=acc, device=q.device)
     dvb = torch.zeros(vb.shape, dtype=acc, device=q.device)
     for i0, i1, j0, j1, dmin, dmax in _blocks(n_q, n_k, window):
-        qu, qv, kk, vv, r_band, skew, s = _tile(
+        qu, qv, kk, vv, r_rows, dist, s = _tile(
             q, k, v, r, u, vb, i0, i1, j0, j1, dmin, dmax, scale, window
         )
         n, nk = i1 - i0, j1 - j0
@@ -125,15 +128,21 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
         ds = p * (dp - delta[:, :, i0:i1, None].to(acc)) * scale
         g_ds = _grouped(ds, h_kv)
         dq_ac = (g_ds @ kk).view(b, h, n, d)
-        # The position part of dS in band order: row a's key c sits at band column skew[a, c].
-        ds_band = ds.new_zeros(b, h, n, dmax - dmin + 1).scatter_(-1, skew.expand(b, h, -1, -1), ds)
-        dq_bd = ds_band @ r_band
+        # The position part of dS by r row: each (query, key) has its own band column
+        # (dist - dmin), then the columns of distances >= R - 1 fold into row R - 1 with
+        # slice sums (no repeated-index adds: deterministic on every device).
+        band = ds.new_zeros(b, h, n, dmax - dmin + 1)
+        band.scatter_(-1, (dist - dmin).expand(b, h, -1, -1), ds)
+        hi = r_rows.shape[1]
+        ds_rows = band[..., -dmin : hi - dmin].clone()
+        ds_rows[..., -1] += band[..., hi - dmin :].sum(-1)
+        dq_bd = ds_rows @ r_rows
         dq[:, :, i0:i1] = dq_ac + dq_bd
         du += dq_ac.sum((0, 2))
         dvb += dq_bd.sum((0, 2))
         dk[:, :, j0:j1] += g_ds.transpose(-1, -2) @ _grouped(qu, h_kv)
         dv[:, :, j0:j1] += _grouped(p, h_kv).transpose(-1, -2) @ _grouped(do, h_kv)
-        _add_band(dr, (ds_band.transpose(-1, -2) @ qv).sum(0), dmin, n_r)
+        dr[:, :hi] += (ds_rows.transpose(-1, -2) @ qv).sum(0)
     return (
         dq.to(q.dtype),
         dk.to(k.dtype),
@@ -142,12 +151,3 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
         du.to(u.dtype),
         dvb.to(vb.dtype),
     )
-
-
-def _add_band(dr: torch.Tensor, band: torch.Tensor, dmin: int, n_r: int) -> None:
-    """dr[:, clamp(dmin + t, 0, R - 1)] += band[:, t]; negative distances carry zeros."""
-    skip = max(0, -dmin)
-    band, first = band[:, skip:], dmin + skip
-    exact = max(0, min(n_r - 1 - first, band.shape[1]))
-    dr[:, first : first + exact] += band[:, :exact]
-    dr[:, n_r - 1] += band[:, exact:].sum(1)

@@ -36,8 +36,9 @@ Backward, three kernels, no atomics:
 Precision: dot products take the input dtype and accumulate in fp32; fp32 inputs multiply in
 3xTF32 (fp32 accuracy on tensor cores; head dims up to 64, larger fp32 head dims are refused
 with a clear error: their tiles spill), fp64 inputs in fp64 (interpreter only: gradcheck).
-Head dims pad to a power of two (BLOCK_D) with masked loads; D % 16 == 0 (16, 64, 80, 96,
-...) loads rows as 16-byte vectors, other D (41, ...) element by element.
+Head dims: zero-padded in memory to a multiple of 16 when they are not one (41 -> 48: rows
+load as 16-byte vectors; unaligned rows would load element by element and spill), and to a
+power of two in registers (BLOCK_D) with masked loads.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -54,8 +56,8 @@ __all__ = ["block_config", "xl_check", "compile_configs", "xl_backward", "xl_for
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
-# Sizes compile once for all values; only D is specialized (D % 16 == 0 lets rows load as
-# 16-byte vectors), so the variants run are exactly those compile_configs() lists.
+# Sizes compile once for all values; only D is specialized, and it is always a multiple of 16
+# (_padded), so the variants that run are exactly those compile_configs() lists.
 _NO_SPECIALIZE = ["L", "N", "R_LEN", "WINDOW", "H", "GROUP"]
 
 
@@ -381,7 +383,7 @@ _HALF = {
 # head dims spill even at 16-row tiles; they are refused rather than run in plain TF32.
 _FP32 = {
     "fwd": {16: (32, 8), 32: (32, 8), 64: (32, 8)},
-    "bwd_dkdv": {16: (16, 4), 32: (16, 4), 64: (16, 4)},
+    "bwd_dkdv": {16: (16, 4), 32: (16, 8), 64: (16, 8)},
     "bwd_dq": {16: (16, 4), 32: (16, 4), 64: (16, 4)},
     "bwd_dr": {16: (16, 4), 32: (16, 4), 64: (16, 4)},
 }
@@ -438,6 +440,21 @@ def _setup(q, k, r, scale, window):
     return sizes, scale_t
 
 
+def _padded(ts):
+    """Contiguous tensors, the head dim zero-padded to a multiple of 16 when it is not one.
+
+    Rows then start 16-byte aligned and the kernels, specialized on D % 16 == 0, load them
+    as vectors (unaligned rows load element by element and spill registers). Zeros add
+    nothing to the scores and give zero output columns; this copies O((L + N) D), not more.
+    """
+    pad = -ts[0].shape[-1] % 16
+    return [F.pad(t, (0, pad)).contiguous() if pad else t.contiguous() for t in ts]
+
+
+def _unpadded(t: torch.Tensor, d: int) -> torch.Tensor:
+    return t if t.shape[-1] == d else t[..., :d].contiguous()
+
+
 def _launch(q, kernel: str) -> tuple[int, dict]:
     """(BLOCK, launch keywords) of one kernel for q's head dim and dtype."""
     block, warps, stages = block_config(
@@ -457,7 +474,8 @@ def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None):
 
     Returns out [B, H, L, D] (q.dtype) and lse [B, H, L] (fp32, fp64 for fp64).
     """
-    q, k, v, r, u, vb = (t.contiguous() for t in (q, k, v, r, u, vb))
+    d = q.shape[3]
+    q, k, v, r, u, vb = _padded((q, k, v, r, u, vb))
     sizes, scale_t = _setup(q, k, r, scale, window)
     block, meta = _launch(q, "fwd")
     b, h, n_q = q.shape[:3]
@@ -466,7 +484,7 @@ def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None):
     if out.numel():
         grid = (triton.cdiv(n_q, block), b * h)
         _xl_fwd_kernel[grid](q, k, v, r, u, vb, scale_t, out, lse, *sizes, **meta)
-    return out, lse
+    return _unpadded(out, d), lse
 
 
 def _fold_bands(parts: torch.Tensor, base: int, n_r: int) -> torch.Tensor:
@@ -496,13 +514,14 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
 
     dout [B, H, L, D]; lse [B, H, L] from the forward; delta = rowsum(dout * out) - dlse.
     """
-    q, k, v, r, u, vb, dout = (t.contiguous() for t in (q, k, v, r, u, vb, dout))
+    if q.numel() == 0:
+        return tuple(torch.zeros_like(t) for t in (q, k, v, r, u, vb))
+    d_in = q.shape[3]
+    q, k, v, r, u, vb, dout = _padded((q, k, v, r, u, vb, dout))
     lse, delta = lse.contiguous(), delta.to(lse.dtype).contiguous()
     sizes, scale_t = _setup(q, k, r, scale, window)
     n_q, n_k, n_r, win = sizes[:4]
     b, h, _, d = q.shape
-    if q.numel() == 0:
-        return tuple(torch.zeros_like(t) for t in (q, k, v, r, u, vb))
     acc = _acc(q.dtype)
     args = (q, k, v, r, u, vb, scale_t, dout, lse, delta)
 
@@ -531,7 +550,8 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
     dr_part = torch.empty(b * h, n_diag, 2 * block, d, dtype=acc, device=q.device)
     _xl_bwd_dr_kernel[(n_diag, b * h)](*args, dr_part, *sizes, e_lo, **meta)
     dr = _fold_bands(dr_part.view(b, h, n_diag, 2 * block, d), mem - block + 1 + e_lo * block, n_r)
-    return dq, dk, dv, dr.to(r.dtype), du.to(u.dtype), dvb.to(vb.dtype)
+    grads = (dq, dk, dv, dr.to(r.dtype), du.to(u.dtype), dvb.to(vb.dtype))
+    return tuple(_unpadded(g, d_in) for g in grads)
 
 
 # --------------------------------------------------------------------------- AOT configs
@@ -546,27 +566,26 @@ _INTS = ("L", "N", "R_LEN", "WINDOW", "H", "GROUP", "D", "DIAG0")
 
 
 def compile_configs():
-    """Every (kernel, dtype, head-dim bucket, D % 16 == 0 or not) the GPU dispatcher launches,
-    for bench/compile_report.py. Head dims are padded to the next power of two (BLOCK_D); a
-    bucket's D % 16 == 0 variant is its power of two itself or e.g. 80, 96 (bucket 128), the
-    other e.g. 41 (bucket 64)."""
+    """Every (kernel, dtype, head-dim bucket) the GPU dispatcher launches, for
+    bench/compile_report.py. Head dims are padded to a multiple of 16 in memory (so D % 16 == 0
+    is the only specialization that runs) and to the next power of two in registers
+    (BLOCK_D): 41 runs as 48 in the bucket 64, 80 and 96 in the bucket 128."""
     for block_d in (16, 32, 64, 128, 256):
-        for div16 in (True, False):
-            for dtype in (torch.float16, torch.bfloat16, torch.float32):
-                if dtype == torch.float32 and block_d > FP32_MAX_HEAD_DIM:
-                    continue
-                ty = _TL_DTYPES[dtype]
-                for label, (fn, outs) in _KERNELS.items():
-                    block, warps, stages = block_config(block_d, dtype, kernel=label)
-                    ptrs = ("Q", "K", "V", "R", "U", "VB", "Scale", *outs)
-                    sig = {n: "*fp32" if n in _FP32_PTRS else f"*{ty}" for n in ptrs}
-                    sig.update({n: "i32" for n in _INTS if n in fn.arg_names})
-                    yield KernelConfig(
-                        name=f"xl_{label}[D<={block_d}{'' if div16 else ',D%16'},{ty}]",
-                        fn=fn,
-                        signature=sig,
-                        constexprs={"BLOCK": block, "BLOCK_D": block_d, "ACC": tl.float32},
-                        num_warps=warps,
-                        num_stages=stages,
-                        divisible_by_16=(*ptrs, "D") if div16 else ptrs,
-                    )
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            if dtype == torch.float32 and block_d > FP32_MAX_HEAD_DIM:
+                continue
+            ty = _TL_DTYPES[dtype]
+            for label, (fn, outs) in _KERNELS.items():
+                block, warps, stages = block_config(block_d, dtype, kernel=label)
+                ptrs = ("Q", "K", "V", "R", "U", "VB", "Scale", *outs)
+                sig = {n: "*fp32" if n in _FP32_PTRS else f"*{ty}" for n in ptrs}
+                sig.update({n: "i32" for n in _INTS if n in fn.arg_names})
+                yield KernelConfig(
+                    name=f"xl_{label}[D<={block_d},{ty}]",
+                    fn=fn,
+                    signature=sig,
+                    constexprs={"BLOCK": block, "BLOCK_D": block_d, "ACC": tl.float32},
+                    num_warps=warps,
+                    num_stages=stages,
+                    divisible_by_16=(*ptrs, "D"),
+                )
