@@ -344,10 +344,13 @@ class XLMultiheadAttention(nn.Module):
     def _project(self, x: torch.Tensor, mems: torch.Tensor | None):
         """q of x, k and v of cat(mems, x), all [B, H, n, d_head] (batch-first input)."""
         inner = self.num_heads * self.d_head
+        if mems is None:
+            q, k, v = self.qkv_net(x).split(inner, dim=-1)
+            return self._heads(q), self._heads(k), self._heads(v)
+        # The memory's queries are never used: project it to keys and values only.
         w_q, w_kv = self.qkv_net.weight.split([inner, 2 * inner])
         q = self._heads(nn.functional.linear(x, w_q))
-        kv = nn.functional.linear(x if mems is None else torch.cat([mems, x], 1), w_kv)
-        k, v = kv.split(inner, dim=-1)
+        k, v = nn.functional.linear(torch.cat([mems, x], 1), w_kv).split(inner, dim=-1)
         return q, self._heads(k), self._heads(v)
 
     def _attend(self, q, k, v, r) -> torch.Tensor:
