@@ -86,6 +86,15 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
+    def copy_extensions_to_source(self) -> None:
+        # In-place builds copy the module next to the sources; unlinking the old file first makes
+        # the copy a new file, so a process that has the old one loaded keeps its mapping.
+        if self.inplace:
+            for ext in self.extensions:
+                for old in Path(self.get_ext_fullpath(ext.name)).parent.glob("_C*"):
+                    old.unlink()
+        super().copy_extensions_to_source()
+
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
@@ -100,7 +109,7 @@ class CMakeBuild(build_ext):
         cmake = _cmake_exe()
         args = [
             f"-DCMAKE_BUILD_TYPE={cfg}",
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={build_dir / 'out'}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DEFFATTN_VERSION={self.distribution.get_version()}",
@@ -144,6 +153,12 @@ class CMakeBuild(build_ext):
         subprocess.run(
             [cmake, "--build", str(build_dir), "--config", cfg, "--parallel", jobs], check=True
         )
+        # Replace the module by rename, never by writing into it: a process that has the old
+        # one loaded keeps its mapping instead of crashing.
+        for built in (build_dir / "out").glob("_C*"):
+            tmp = extdir / f".{built.name}.tmp"
+            shutil.copy2(built, tmp)
+            os.replace(tmp, extdir / built.name)
 
 
 setup(

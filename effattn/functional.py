@@ -189,7 +189,7 @@ def _run_forward(q, k, v, kpm, pattern: Pattern, scale: float, backend: str):
         outs.append(o)
         lses.append(lse)
     if len(parts) == 1:
-        return outs[0], lses[0]
+        return outs[0].contiguous(), lses[0].contiguous()
     lse = torch.logsumexp(torch.stack(lses), dim=0)
     safe = torch.where(torch.isfinite(lse), lse, 0)
     out = sum(
@@ -294,7 +294,7 @@ def _sparse_op(
 
 @_sparse_op.register_fake
 def _(q, k, v, key_padding_mask, pattern_key, custom_mask, scale, backend):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_acc(q))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc(q))
 
 
 @torch.library.custom_op("effattn::sparse_attention_backward", mutates_args=())
@@ -318,7 +318,8 @@ def _sparse_backward_op(
 
 @_sparse_backward_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, key_padding_mask, pattern_key, custom_mask, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # The kernels return contiguous tensors, whatever the inputs' strides.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _sparse_setup(ctx, inputs, output):
@@ -475,7 +476,7 @@ def _xl_op(
 
 @_xl_op.register_fake
 def _(q, k, v, r, u, vb, scale, window, backend):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_acc(q))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc(q))
 
 
 @torch.library.custom_op("effattn::xl_attention_backward", mutates_args=())
@@ -502,7 +503,7 @@ def _xl_backward_op(
 
 @_xl_backward_op.register_fake
 def _(dout, dlse, q, k, v, r, u, vb, out, lse, scale, window, backend):
-    return tuple(torch.empty_like(t) for t in (q, k, v, r, u, vb))
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, r, u, vb))
 
 
 def _xl_setup(ctx, inputs, output):
