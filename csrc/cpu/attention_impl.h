@@ -5,11 +5,17 @@
 // kernels.h and under their target pragma. Everything but the entry points has internal linkage
 // (see kernels.h for why).
 //
-// Common scheme. Keys and values are packed once per call into block panels: Kt [D][BN] per key
-// block (so a row of scores is a vector FMA over keys), V [BN][Dp] (Dp = D rounded up to 16, so
-// an output row is whole vectors). Scores are kept in base 2: s2 = (q . k) * scale * log2(e),
-// p = 2^(s2 - m); lse = (m + log2(l)) * ln(2). The backward recomputes s2 with the same
-// arithmetic, so exp2(s2 - lse2) reproduces the forward's probabilities.
+// Scores are kept in base 2: s2 = (q . k) * scale * log2(e), p = 2^(s2 - m), and
+// lse = (m + log2(l)) * ln(2); the backward recomputes s2 and takes p = 2^(s2 - lse * log2(e)).
+// D is padded to Dp (a multiple of 16) wherever a row must be whole vectors.
+//
+// Tile orientation follows the loop order. The sparse forward (tasks own query blocks) computes
+// transposed tiles St = K . Qt [keys][queries]: K and V are read in place, one transposed query
+// block is packed per task, and the softmax runs down columns as plain vector operations. The
+// sparse backward (tasks own key blocks) computes row tiles S = Q . Kt [queries][keys] with Kt and
+// Vt packed once per key block, Q and dO read in place. Sparse tiles skip the sub-tiles the
+// pattern masks entirely (simd.h, "masked tiles"). Transformer-XL keeps row tiles with K, V and r
+// packed once per call (its relative-position band needs them).
 //
 // Parallelism and determinism. Forward: one task per (batch, head, query block), each writing
 // its own rows. Backward: one task per (batch, kv head, segment of key blocks); a task owns the
@@ -200,7 +206,7 @@ const T* rows_block(const T* src, i64 sn, i64 sd, i64 n, i64 D, i64 Dp, i64 j0, 
   return scratch;
 }
 
-// dst[d][r] = mul * src[r][d] for r < rows (zero for rows <= r < BM): a query block transposed.
+// dst[d][r] = mul * src[r][d] for r < rows (zero for rows <= r < BM): a block of rows transposed.
 template <class T>
 void pack_t(const T* src, i64 sn, i64 sd, i64 rows, i64 D, i64 BM, T mul, T* dst) {
   for (i64 d = 0; d < D; ++d)
@@ -248,7 +254,8 @@ void softmax_update_t(T* St, i64 BN, i64 BM, T* m, T* l, T* acc, i64 Dp, T* tmp)
   T* sum = tmp + 2 * BM;
   for (i64 c = 0; c < BM; c += W) vst(m_safe + c, vld(m + c));
   for (i64 jj = 0; jj < BN; ++jj)
-    for (i64 c = 0; c < BM; c += W) vst(m_safe + c, vmax<T>(vld(m_safe + c), vld(St + jj * BM + c)));
+    for (i64 c = 0; c < BM; c += W)
+      vst(m_safe + c, vmax<T>(vld(m_safe + c), vld(St + jj * BM + c)));
   const Vec<T> ninf = vset<T>(neg_inf<T>());
   for (i64 c = 0; c < BM; c += W) {
     const Vec<T> m_new = vld(m_safe + c);
@@ -877,7 +884,8 @@ void xl_forward_impl(const XlArgs& a) {
       const i64 j0 = kb * BN;
       xl_scores<T>(a, g, h, i0, j0, qu, qv, Dp, kt.get() + (bk * g.nkb + kb) * D * BN, rt.get(),
                    bdc, c2, band, S);
-      for (i64 r = 0; r < rows; ++r) softmax_update<T>(S + r * BN, BN, m[r], l[r], acc + r * Dp, Dp);
+      for (i64 r = 0; r < rows; ++r)
+        softmax_update<T>(S + r * BN, BN, m[r], l[r], acc + r * Dp, Dp);
       for (i64 x = rows * BN; x < BM * BN; ++x) S[x] = T(0);
       gemm_ab<T>(BM, Dp, BN, S, BN, 1, vp.get() + (bk * g.NKP + j0) * Dp, Dp, acc, Dp);
     }

@@ -16,10 +16,17 @@
 #define EFFATTN_TILE_RO 4
 #define EFFATTN_TILE_NVO 2
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,bmi,bmi2,f16c"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma,bmi,bmi2,f16c"))), \
+                              apply_to = function)
 #else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi,bmi2,f16c")
+// GCC ignores a target pragma it cannot parse (a warning only): this builtin exists only
+// under the target, so such a build fails instead of silently running baseline code.
+typedef float EffattnIsaCheck __attribute__((vector_size(32)));
+__attribute__((used)) static EffattnIsaCheck effattn_isa_check(EffattnIsaCheck x) {
+  return __builtin_ia32_vfmaddps256(x, x, x);
+}
 #endif
 #include "cpu/attention_impl.h"
 #if defined(__clang__)

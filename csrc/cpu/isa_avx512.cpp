@@ -17,10 +17,17 @@
 #define EFFATTN_TILE_RO 4
 #define EFFATTN_TILE_NVO 4
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2,f16c"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2,f16c"))), \
+                              apply_to = function)
 #else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2,f16c")
+// GCC ignores a target pragma it cannot parse (a warning only): this builtin exists only
+// under the target, so such a build fails instead of silently running baseline code.
+typedef float EffattnIsaCheck __attribute__((vector_size(64)));
+__attribute__((used)) static EffattnIsaCheck effattn_isa_check(EffattnIsaCheck x) {
+  return __builtin_ia32_rcp14ps512_mask(x, x, static_cast<unsigned short>(-1));
+}
 #endif
 #include "cpu/attention_impl.h"
 #if defined(__clang__)
