@@ -109,17 +109,16 @@ def check_against_reference(pattern, b, h, h_kv, n_q, n_k, d, dtype, kpm_rate=0.
 # Patterns x ragged sizes x GQA x key padding x queries fewer than keys, in fp32.
 CASES = [
     # pattern, b, h, h_kv, n_q, n_k, d, key padding rate
-    (P.causal(), 2, 4, 2, 70, 70, 41, 0.2),
-    (P.full(), 1, 2, 1, 37, 53, 16, 0.3),
-    (P.local(9), 1, 2, 2, 33, 70, 80, 0.0),
-    (P.local(5, causal=False), 2, 2, 1, 50, 50, 24, 0.2),
-    (P.strided(8), 1, 2, 1, 70, 70, 41, 0.1),
-    (P.strided(6, causal=False), 1, 2, 2, 45, 61, 32, 0.2),
-    (P.fixed(16, 4), 1, 2, 1, 70, 70, 48, 0.0),
-    (P.fixed(16, 3, num_patterns=2), 1, 4, 2, 66, 66, 41, 0.2),
-    (P.fixed(12, 4, num_patterns=3, causal=False), 1, 3, 1, 40, 59, 16, 0.0),
-    (P.union(P.local(3), P.fixed(10, 2)), 1, 2, 1, 57, 57, 24, 0.1),
-    (P.per_head(P.strided(5), P.causal(), P.local(7, causal=False)), 1, 6, 2, 48, 48, 16, 0.2),
+    (P.causal(), 2, 2, 1, 50, 50, 41, 0.2),
+    (P.full(), 1, 2, 1, 27, 45, 16, 0.3),
+    (P.local(9), 1, 2, 2, 33, 60, 80, 0.0),
+    (P.local(5, causal=False), 1, 2, 1, 40, 40, 24, 0.2),
+    (P.strided(8), 1, 2, 1, 50, 50, 41, 0.1),
+    (P.strided(6, causal=False), 1, 2, 2, 35, 45, 32, 0.2),
+    (P.fixed(16, 3, num_patterns=2), 1, 4, 2, 50, 50, 41, 0.2),
+    (P.fixed(12, 4, num_patterns=3, causal=False), 1, 3, 1, 30, 47, 16, 0.0),
+    (P.union(P.local(3), P.fixed(10, 2)), 1, 2, 1, 45, 45, 24, 0.1),
+    (P.per_head(P.strided(5), P.causal(), P.local(7, causal=False)), 1, 3, 1, 40, 40, 16, 0.2),
     (P.causal(), 2, 2, 1, 1, 45, 64, 0.2),
 ]
 
@@ -136,14 +135,14 @@ def test_matches_reference_fp32(blocks, pattern, b, h, h_kv, n_q, n_k, d, kpm_ra
 def test_custom_pattern_with_empty_rows_and_tiles(blocks):
     blocks((16, 32))
     g = torch.Generator().manual_seed(3)
-    mask = torch.rand(2, 50, 70, generator=g) < 0.25
+    mask = torch.rand(2, 40, 60, generator=g) < 0.25
     mask[0, :, 32:64] = True  # full blocks next to partial ones
     mask[:, 7] = False  # a query with no key at all
-    mask[1, 20:36] = False  # a whole query block empty in one head
+    mask[1, 16:32] = False  # a whole query block empty in one head
     pattern = P.from_mask(mask)
-    assert pattern.layout(50, 70, 16, 32).tiles is not None
-    got = check_against_reference(pattern, 1, 4, 2, 50, 70, 41, torch.float32, kpm_rate=0.1)
-    assert torch.isinf(got[1][:, :, 7]).all()
+    assert pattern.layout(40, 60, 16, 32).tiles is not None
+    got = check_against_reference(pattern, 1, 2, 1, 40, 60, 41, torch.float32, kpm_rate=0.1)
+    assert torch.isinf(got[1][:, :, 7]).all() and torch.isinf(got[1][:, 1, 16:32]).all()
     assert (got[2][:, :, 7] == 0).all()
 
 
@@ -152,26 +151,35 @@ def test_custom_union_and_per_head_with_masks(blocks):
     g = torch.Generator().manual_seed(5)
     custom = P.from_mask(torch.rand(1, 40, 40, generator=g) < 0.2)
     pattern = P.per_head(P.union(custom, P.local(4)), P.strided(8))
-    check_against_reference(pattern, 1, 4, 2, 40, 40, 16, torch.float32, kpm_rate=0.1)
+    check_against_reference(pattern, 1, 2, 1, 40, 40, 16, torch.float32, kpm_rate=0.1)
 
 
-def test_shipped_block_sizes(blocks):
-    # The tuned configs themselves (64-row blocks; fp32 uses narrower key blocks), with a head
-    # dim above 128 that takes the 256 bucket.
+def test_shipped_configs(blocks):
+    # The tuned configs themselves (64-row forward blocks, other backward blocks), in fp16: in
+    # the interpreter, numpy sums a tile product in an order that depends on the tile's shape,
+    # so when the forward's and the backward's tiles differ the recomputed fp32 scores move by
+    # an ulp against the saved LSE, which the fp32 gradient comparison would register (on the
+    # GPU the reduction over D runs in the same order in every tile). fp32 tiles of other
+    # shapes are covered above and in test_fp32_tall_tiles.
     blocks(None)
-    check_against_reference(P.strided(16), 1, 2, 1, 150, 150, 41, torch.float32, 0.1)
-    check_against_reference(P.fixed(32, 8), 1, 2, 2, 90, 130, 200, torch.float32, 0.0)
+    check_against_reference(P.strided(16), 1, 2, 1, 100, 100, 41, torch.float16, 0.1)
+    check_against_reference(P.fixed(32, 8), 1, 2, 2, 70, 90, 200, torch.float16, 0.0)
+
+
+def test_fp32_tall_tiles(blocks):
+    blocks((32, 16))
+    check_against_reference(P.strided(8), 1, 2, 1, 70, 70, 48, torch.float32, 0.1)
 
 
 # The decomposed plans: strided column part (transposed chunks, dummy rows, padding keys when
 # not causal) and the fixed summary part (compact per-class key lists), merged by LSE.
 DECOMPOSED = [
-    (P.strided(16), 150, 150, 0.1),
-    (P.strided(12, causal=False), 130, 130, 0.1),
-    (P.strided(16), 60, 150, 0.0),
-    (P.fixed(16, 4), 150, 150, 0.1),
-    (P.fixed(16, 4, num_patterns=2), 70, 150, 0.0),
-    (P.fixed(16, 3, num_patterns=3, causal=False), 100, 131, 0.1),
+    (P.strided(4), 55, 62, 0.1),
+    (P.strided(4, causal=False), 61, 61, 0.1),
+    (P.strided(6, causal=False), 41, 48, 0.0),
+    (P.fixed(16, 4), 33, 33, 0.1),
+    (P.fixed(16, 4, num_patterns=2), 25, 32, 0.0),
+    (P.fixed(12, 3, num_patterns=3, causal=False), 45, 52, 0.1),
 ]
 
 
@@ -183,31 +191,32 @@ DECOMPOSED = [
 def test_decomposed_plans(blocks, pattern, n_q, n_k, kpm_rate):
     blocks((16, 16))
     assert len(plan(pattern, n_q, n_k, 16, 16)) > 1, "the plan must decompose for this test"
-    h = 6 if pattern.period == 3 else 4
-    check_against_reference(pattern, 1, h, 2, n_q, n_k, 24, torch.float32, kpm_rate)
+    h = 2 * pattern.period
+    check_against_reference(pattern, 1, h, h // 2, n_q, n_k, 24, torch.float32, kpm_rate)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize(
-    "pattern, n",
-    [(P.causal(), 70), (P.strided(16), 150), (P.fixed(16, 4, num_patterns=2), 90)],
-    ids=["causal", "strided", "fixed"],
+    "pattern, n_q, n_k",
+    [(P.strided(4), 55, 62), (P.fixed(16, 4, num_patterns=2), 40, 40)],
+    ids=["strided", "fixed"],
 )
-def test_half_precision(blocks, dtype, pattern, n):
+def test_half_precision(blocks, dtype, pattern, n_q, n_k):
     blocks((16, 16))
-    check_against_reference(pattern, 1, 4, 2, n, n, 40, dtype, kpm_rate=0.1)
+    assert len(plan(pattern, n_q, n_k, 16, 16)) > 1
+    check_against_reference(pattern, 1, 4, 2, n_q, n_k, 40, dtype, kpm_rate=0.1)
 
 
 @needs_interpreter
 @pytest.mark.parametrize(
-    "pattern, n, bm_bn",
-    [(P.causal(), 21, (16, 16)), (P.strided(4), 40, (16, 16)), (P.fixed(8, 2, 2), 20, (16, 16))],
+    "pattern, n_q, n_k",
+    [(P.causal(), 14, 21), (P.strided(4), 55, 62), (P.fixed(16, 4, num_patterns=2), 23, 30)],
     ids=["causal", "strided-decomposed", "fixed-decomposed"],
 )
-def test_gradcheck_fp64(blocks, pattern, n, bm_bn):
-    blocks(bm_bn)
-    q, k, v = make(1, 2, 1, n - 3, n, 16, torch.float64)
-    kpm = torch.zeros(1, n, dtype=torch.bool)
+def test_gradcheck_fp64(blocks, pattern, n_q, n_k):
+    blocks((16, 16))
+    q, k, v = make(1, 2, 1, n_q, n_k, 16, torch.float64)
+    kpm = torch.zeros(1, n_k, dtype=torch.bool)
     kpm[0, 1] = True
 
     def f(q, k, v):
@@ -219,11 +228,10 @@ def test_gradcheck_fp64(blocks, pattern, n, bm_bn):
     assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=True)
 
 
+@needs_interpreter
 def test_fp64_matches_reference_tightly(blocks):
-    if not ts._interpreting():
-        pytest.skip("fp64 runs only in Triton's interpreter")
     blocks((16, 16))
-    got = check_against_reference(P.strided(16), 1, 2, 1, 150, 150, 24, torch.float64, 0.1)
+    got = check_against_reference(P.strided(4), 1, 2, 1, 55, 62, 24, torch.float64, 0.1)
     assert got[0].dtype == torch.float64 and got[1].dtype == torch.float64
 
 
@@ -237,20 +245,40 @@ def test_torch_compile_fullgraph_no_recompile(blocks):
         compiles += 1
         return gm.forward
 
-    pattern = P.strided(8)
-
+    # The pattern is built inside the compiled function: Pattern.key of a pattern captured from
+    # outside calls str() on a tuple, which dynamo cannot trace (see effattn.patterns).
     @torch.compile(backend=counting_backend, fullgraph=True, dynamic=True)
     def f(q, k, v):
-        return effattn.sparse_attention(q, k, v, pattern, backend="triton") * 2
+        return effattn.sparse_attention(q, k, v, P.strided(8), backend="triton") * 2
 
     for n in (40, 56):
         q, k, v = make(1, 2, 1, n, n, 16, torch.float32)
         out = f(q, k, v)
-        want = 2 * reference.attention(q, k, v, pattern)
-        assert (out - want).abs().max() < 1e-5
-        out.sum().backward()
-        assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+        (dq,) = torch.autograd.grad(out.sum(), q)
+        eager = 2 * effattn.sparse_attention(q, k, v, P.strided(8), backend="triton")
+        (dq_eager,) = torch.autograd.grad(eager.sum(), q)
+        assert torch.equal(out, eager) and torch.equal(dq, dq_eager)
     assert compiles == 1
+
+
+def test_torch_compile_aot_eager_traces_the_backward(blocks):
+    blocks((16, 16))
+    torch._dynamo.reset()
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(q, k, v, kpm):
+        out, lse = effattn.sparse_attention(
+            q, k, v, P.fixed(16, 4), key_padding_mask=kpm, backend="triton", return_lse=True
+        )
+        return out.sum() + torch.where(torch.isfinite(lse), lse, 0).sum()
+
+    q, k, v = make(1, 2, 1, 30, 40, 16, torch.float32)
+    kpm = torch.zeros(1, 40, dtype=torch.bool)
+    kpm[0, 3] = True
+    got = torch.autograd.grad(f(q, k, v, kpm), (q, k, v))
+    want = torch.autograd.grad(f.__wrapped__(q, k, v, kpm), (q, k, v))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------ bad input, configs

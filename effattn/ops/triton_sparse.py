@@ -95,6 +95,18 @@ def _pattern_allowed(
 
 
 @triton.jit
+def _rne_bf16(x):
+    """fp32 x rounded to the nearest bf16 (ties to even), still as fp32.
+
+    Only for Triton's interpreter, whose fp32 -> bf16 conversion truncates where the GPU rounds
+    to nearest: with this, interpreted bf16 results carry the GPU's rounding errors.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _fwd_block(
     acc,
     m_i,
@@ -127,6 +139,7 @@ def _fwd_block(
     EXP2: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    RNE_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """One key block of the online softmax: returns the updated (acc, m_i, l_i)."""
@@ -159,6 +172,8 @@ def _fwd_block(
         p = tl.exp(s - m_use[:, None])
         alpha = tl.exp(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if RNE_BF16:
+        p = _rne_bf16(p)
     pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
     acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
@@ -214,6 +229,7 @@ def _fwd_kernel(
     EXP2: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    RNE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -252,7 +268,7 @@ def _fwd_kernel(
             acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, kb, offs_m, offs_n, offs_d,
             d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, Tiles, Terms, c,
             False, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK, EXP2,
-            DOT_DTYPE, DOT_PRECISION, BLOCK_N,
+            DOT_DTYPE, DOT_PRECISION, RNE_BF16, BLOCK_N,
         )  # fmt: skip
     n_part = tl.load(PartNum + row)
     for t in range(n_part):
@@ -265,7 +281,7 @@ def _fwd_kernel(
             acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, kb, offs_m, offs_n, offs_d,
             d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, tile_ptrs, Terms, c,
             True, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK, EXP2,
-            DOT_DTYPE, DOT_PRECISION, BLOCK_N,
+            DOT_DTYPE, DOT_PRECISION, RNE_BF16, BLOCK_N,
         )  # fmt: skip
 
     nonempty = l_i > 0
@@ -276,6 +292,8 @@ def _fwd_kernel(
     else:
         lse = m_i + tl.log(l_safe)
     lse = tl.where(nonempty, lse, float("-inf"))
+    if RNE_BF16:
+        out = _rne_bf16(out)
     o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     o_ptrs += offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
@@ -335,6 +353,7 @@ def _bwd_dq_block(
     EXP2: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    RNE_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """dq += dS K over one key block (dS without the final scale)."""
@@ -364,6 +383,8 @@ def _bwd_dq_block(
         p = tl.exp(x)
     dp = tl.dot(do, tl.trans(v.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if RNE_BF16:
+        ds = _rne_bf16(ds)
     dq += tl.dot(ds.to(k.dtype).to(DOT_DTYPE), k_dot, input_precision=DOT_PRECISION)
     return dq
 
@@ -421,6 +442,7 @@ def _bwd_dq_kernel(
     EXP2: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    RNE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -457,7 +479,7 @@ def _bwd_dq_kernel(
             dq, q, do, lse, delta, row_vis, k_base, v_base, stride_kn, stride_vn, kb, offs_m,
             offs_n, offs_d, d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, Tiles,
             Terms, c, False, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK,
-            EXP2, DOT_DTYPE, DOT_PRECISION, BLOCK_N,
+            EXP2, DOT_DTYPE, DOT_PRECISION, RNE_BF16, BLOCK_N,
         )  # fmt: skip
     n_part = tl.load(PartNum + row)
     for t in range(n_part):
@@ -470,7 +492,7 @@ def _bwd_dq_kernel(
             dq, q, do, lse, delta, row_vis, k_base, v_base, stride_kn, stride_vn, kb, offs_m,
             offs_n, offs_d, d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, tile_ptrs,
             Terms, c, True, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK,
-            EXP2, DOT_DTYPE, DOT_PRECISION, BLOCK_N,
+            EXP2, DOT_DTYPE, DOT_PRECISION, RNE_BF16, BLOCK_N,
         )  # fmt: skip
 
     # DQ is a contiguous [B, H, n_q, D] accumulator-dtype tensor.
@@ -512,6 +534,7 @@ def _bwd_dkdv_block(
     EXP2: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    RNE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """dv += P^T dO, dk += dS^T Q over one query block, in the transposed [BN, BM] orientation."""
@@ -537,9 +560,13 @@ def _bwd_dkdv_block(
         pt = tl.exp2(x)
     else:
         pt = tl.exp(x)
+    if RNE_BF16:
+        pt = _rne_bf16(pt)
     dv += tl.dot(pt.to(do.dtype).to(DOT_DTYPE), do_dot, input_precision=DOT_PRECISION)
     dpt = tl.dot(v, tl.trans(do_dot), input_precision=DOT_PRECISION)
     dst = pt * (dpt - delta[None, :])
+    if RNE_BF16:
+        dst = _rne_bf16(dst)
     dk += tl.dot(dst.to(q.dtype).to(DOT_DTYPE), q_dot, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -598,6 +625,7 @@ def _bwd_dkdv_kernel(
     EXP2: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    RNE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -643,7 +671,7 @@ def _bwd_dkdv_kernel(
                 dk, dv, k, v, col_ok, cols, q_base, do_base, stride_qm, stride_dom, Lse, Delta,
                 bh, qb, offs_r, offs_d, d_ok, n_q, q_offset, qk_scale, Tiles, Terms, c, False,
                 NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, EXP2, DOT_DTYPE,
-                DOT_PRECISION, BLOCK_M,
+                DOT_PRECISION, RNE_BF16, BLOCK_M,
             )  # fmt: skip
         n_part = tl.load(PartNum + row)
         for t in range(n_part):
@@ -656,7 +684,7 @@ def _bwd_dkdv_kernel(
                 dk, dv, k, v, col_ok, cols, q_base, do_base, stride_qm, stride_dom, Lse, Delta,
                 bh, qb, offs_r, offs_d, d_ok, n_q, q_offset, qk_scale, tile_ptrs, Terms, c, True,
                 NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, EXP2, DOT_DTYPE,
-                DOT_PRECISION, BLOCK_M,
+                DOT_PRECISION, RNE_BF16, BLOCK_M,
             )  # fmt: skip
 
     # DK and DV are contiguous [B, Hkv, n_k, D] accumulator-dtype tensors.
@@ -850,14 +878,15 @@ _TL_DTYPES = {
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
-    """DOT_DTYPE / DOT_PRECISION: the operand dtype and precision of the kernels' tl.dot."""
+    """DOT_DTYPE, DOT_PRECISION: the kernels' tl.dot operand dtype and precision; RNE_BF16."""
     if dtype == torch.bfloat16 and _interpreting():
-        # Triton's interpreter multiplies bf16 tiles as their uint16 storage. Widening to fp32
-        # is exact (bf16 x bf16 products fit fp32) and accumulates in fp32, as on the GPU.
-        return {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "ieee"}
+        # Triton's interpreter multiplies bf16 tiles as their uint16 storage and truncates
+        # fp32 -> bf16. Widening the operands to fp32 is exact (bf16 x bf16 products fit fp32)
+        # and accumulates in fp32, and RNE_BF16 rounds as the GPU does.
+        return {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "ieee", "RNE_BF16": True}
     # fp32 gets fp32 products (TF32 would lose 3 decimal digits); ignored for 16-bit operands.
     precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    return {"DOT_DTYPE": _TL_DTYPES[dtype], "DOT_PRECISION": precision}
+    return {"DOT_DTYPE": _TL_DTYPES[dtype], "DOT_PRECISION": precision, "RNE_BF16": False}
 
 
 # --------------------------------------------------------------------------- backend contract
@@ -1078,7 +1107,7 @@ def compile_configs():
                 for arch, cfg in per_arch.items():
                     yield KernelConfig(
                         name=f"sparse_{kname}[D={block_d},{dtype},{vname},{cfg.block_m}x"
-                        f"{cfg.block_n},w{cfg.num_warps}s{cfg.num_stages}]",
+                        f"{cfg.block_n},w{cfg.num_warps}s{cfg.num_stages},sm{arch}]",
                         fn=kernel,
                         signature=_signature(kernel, dtype),
                         constexprs={
@@ -1088,6 +1117,7 @@ def compile_configs():
                             "EXP2": not wide,
                             "DOT_DTYPE": _TL_DTYPES[_TORCH_DTYPES[dtype]],
                             "DOT_PRECISION": "ieee" if wide else "tf32",
+                            "RNE_BF16": False,
                             "BLOCK_M": cfg.block_m,
                             "BLOCK_N": cfg.block_n,
                             "BLOCK_D": block_d,
