@@ -10,6 +10,10 @@
 #include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 
+#ifdef EFFATTN_OPENMP
+#include <omp.h>
+#endif
+
 namespace effattn {
 namespace cpu {
 
@@ -55,6 +59,16 @@ void parallel_for(int64_t n, int threads, void (*fn)(void*, int64_t, int), void*
     return;
   }
   std::atomic<int64_t> next{0};
+#ifdef EFFATTN_OPENMP
+  // With PyTorch loaded this is its OpenMP runtime (libgomp is shared by soname): the workers
+  // that spin for a while after every torch op take these tasks, where a second pool of
+  // threads would compete with them for the cores.
+#pragma omp parallel num_threads(workers)
+  {
+    const int thread = omp_get_thread_num();
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) fn(ctx, t, thread);
+  }
+#else
   auto run = [&](int thread) {
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) fn(ctx, t, thread);
   };
@@ -63,6 +77,7 @@ void parallel_for(int64_t n, int threads, void (*fn)(void*, int64_t, int), void*
   for (int w = 1; w < workers; ++w) pool.emplace_back(run, w);
   run(0);
   for (std::thread& t : pool) t.join();
+#endif
 }
 
 // calloc: large blocks come zeroed from the OS without a pass over them. The offset to the

@@ -110,7 +110,8 @@ Kernels kernels_avx2();
 Kernels kernels_generic();
 
 // Runs fn(ctx, task, thread) for task in [0, n) on `threads` threads (the caller's thread
-// included), handing tasks out dynamically. Results must not depend on which thread runs a
+// included, thread < threads), handing tasks out dynamically: OpenMP when the build has it
+// (the runtime PyTorch uses), else std::thread. Results must not depend on which thread runs a
 // task: kernels give every task its own outputs or per-task buffers reduced in a fixed order.
 void parallel_for(int64_t n, int threads, void (*fn)(void* ctx, int64_t task, int thread),
                   void* ctx);

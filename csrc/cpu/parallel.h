@@ -2,8 +2,8 @@
 //
 // Every kernel call carries its own thread count (effattn/ops/cpu.py passes
 // torch.get_num_threads(), so the kernels follow torch.set_num_threads); this setting is the
-// default for callers of effattn._C that pass none. The kernels' threads are std::threads
-// started per call (cpu::parallel_for in kernels.h), independent of any OpenMP runtime.
+// default for callers of effattn._C that pass none. The threads themselves come from
+// cpu::parallel_for (kernels.h).
 #pragma once
 
 namespace effattn {
