@@ -236,6 +236,34 @@ def test_decode_sliding_window_over_a_long_sequence():
     assert torch.allclose(torch.cat(steps, 1), torch.cat(outs, 1), atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_decode_in_place_storage_and_branching(mode):
+    """Without autograd, keys are appended in place; the store is renewed when full, and
+    decoding twice from one cache (branching) leaves the first branch intact."""
+    m = module(mem_len=4)
+    x = seq(2, 11)
+    cache, want = None, []
+    for i in range(11):  # autograd records: functional path
+        out, cache = m.decode(x[:, i : i + 1], cache)
+        want.append(out.detach())
+    a, b, c = seq(2, 1, seed=7), seq(2, 1, seed=8), seq(2, 1, seed=9)
+    with mode():
+        cache, stores = None, set()
+        for i in range(11):
+            out, cache = m.decode(x[:, i : i + 1], cache)
+            stores.add(id(cache.store))
+            assert torch.allclose(out, want[i], atol=1e-12) and len(cache) == min(4, i + 1)
+        assert 1 < len(stores) < 11  # appended in place, renewed every few tokens
+        out_a, cache_a = m.decode(a, cache)
+        out_b, _ = m.decode(b, cache)  # branch from the same cache
+        again_a, _ = m.decode(c, cache_a)
+    _, mems = m(x)
+    assert torch.allclose(out_a, m(a, mems)[0], atol=1e-12)
+    assert torch.allclose(out_b, m(b, mems)[0], atol=1e-12)
+    mems_a = torch.cat([mems, a], 1)[:, -4:]
+    assert torch.allclose(again_a, m(c, mems_a)[0], atol=1e-12)
+
+
 def test_decode_chunks_and_memoryless():
     m = module(mem_len=6)
     a, b = seq(2, 5), seq(2, 3, seed=4)

@@ -90,26 +90,49 @@ def sinusoid_embedding(
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+class _Store:
+    """Key/value storage shared by the successive caches of one decoding stream.
+
+    Appending writes in place after the last position; when the room runs out (every ~mem_len
+    tokens) the kept positions move to a fresh store, so a token copies O(1) amortized instead
+    of O(mem_len). ``filled`` tells whether a cache is the stream's latest: appending from an
+    older one (branching) copies to a fresh store instead of overwriting its successor's keys.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, filled: int):
+        self.k, self.v, self.filled = k, v, filled
+
+
 @dataclass
 class XLCache:
     """Decoding state of one :class:`XLMultiheadAttention` (returned by ``decode``).
 
     Attributes:
-        k, v: [B, H, n, d_head] projected keys and values of the last n <= mem_len positions.
+        k, v (properties): [B, H, n, d_head] projected keys and values of the last
+            n <= mem_len positions (views into the shared storage).
         r: [H, R, d_head] projected relative embeddings by distance (enough for n + 1 keys).
         owner: the module that made it (weak reference).
         r_version: version counter of ``r_net.weight`` when ``r`` was computed; an in-place
             weight update (an optimizer step) makes ``decode`` recompute ``r``.
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
+    store: _Store
+    start: int
+    length: int
     r: torch.Tensor
     owner: weakref.ref
     r_version: int
 
+    @property
+    def k(self) -> torch.Tensor:
+        return self.store.k[:, :, self.start : self.start + self.length]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.store.v[:, :, self.start : self.start + self.length]
+
     def __len__(self) -> int:
-        return self.k.shape[2]
+        return self.length
 
 
 class XLMultiheadAttention(nn.Module):
@@ -422,6 +445,43 @@ class XLMultiheadAttention(nn.Module):
         if cache.k.shape[0] != x.shape[0]:
             raise ValueError(f"cache has batch {cache.k.shape[0]}, x has {x.shape[0]}")
 
+    def _append(self, cache: XLCache | None, k_new: torch.Tensor, v_new: torch.Tensor):
+        """(store, start, keys, values): the cache's positions followed by the new ones.
+
+        In place after the cache's last position when it is its store's latest and there is
+        room; otherwise (and always when autograd records: in-place writes would invalidate
+        saved tensors) a fresh store with room for mem_len more positions.
+        """
+        n = 0 if cache is None else cache.length
+        t = k_new.shape[2]
+        recording = torch.is_grad_enabled() and (
+            k_new.requires_grad or (cache is not None and cache.store.k.requires_grad)
+        )
+        if cache is not None and not recording:
+            store, end = cache.store, cache.start + n
+            if store.filled == end and end + t <= store.k.shape[2]:
+                store.k[:, :, end : end + t] = k_new
+                store.v[:, :, end : end + t] = v_new
+                store.filled = end + t
+                return (
+                    store,
+                    cache.start,
+                    store.k[:, :, cache.start : end + t],
+                    (store.v[:, :, cache.start : end + t]),
+                )
+        if recording:
+            k = k_new if cache is None else torch.cat([cache.k, k_new], 2)
+            v = v_new if cache is None else torch.cat([cache.v, v_new], 2)
+            return _Store(k, v, n + t), 0, k, v
+        b, h, _, d = k_new.shape
+        room = n + t + self.mem_len
+        k = k_new.new_empty(b, h, room, d)
+        v = v_new.new_empty(b, h, room, d)
+        if cache is not None:
+            k[:, :, :n], v[:, :, :n] = cache.k, cache.v
+        k[:, :, n : n + t], v[:, :, n : n + t] = k_new, v_new
+        return _Store(k, v, n + t), 0, k[:, :, : n + t], v[:, :, : n + t]
+
     def decode(self, x: torch.Tensor, cache: XLCache | None = None):
         """Incremental evaluation: ``forward(x, mems)`` from cached projections.
 
@@ -434,7 +494,10 @@ class XLMultiheadAttention(nn.Module):
             (out, cache): out shaped like x, equal to ``forward(x, mems)[0]`` where mems are
             the (at most mem_len) positions the cache holds; the new cache holds the last
             mem_len positions' projected keys and values. A token costs its own projections
-            and attention over at most mem_len + 1 keys.
+            and attention over at most mem_len + 1 keys; keys and values are appended in
+            place (storage for up to 2 mem_len + T positions, O(1) amortized copies per
+            token). Decoding twice from the same cache (branching) is safe: the second call
+            copies instead of overwriting.
         """
         self._check_training()
         self._check_x(x)
@@ -442,10 +505,8 @@ class XLMultiheadAttention(nn.Module):
             x = x.transpose(0, 1)
         if cache is not None:
             self._check_cache(cache, x)
-        q, k, v = self._project(x, None)
-        if cache is not None:
-            k = torch.cat([cache.k, k], 2)
-            v = torch.cat([cache.v, v], 2)
+        q, k_new, v_new = self._project(x, None)
+        store, start, k, v = self._append(cache, k_new, v_new)
         n_r = self._num_r(k.shape[2])
         version = self.r_net.weight._version
         if cache is not None and cache.r.shape[1] >= n_r and cache.r_version == version:
@@ -454,8 +515,8 @@ class XLMultiheadAttention(nn.Module):
             # Enough rows for every later call with T = 1 too: a full cache plus the token.
             r_all = self.relative_embeddings(max(n_r, self._num_r(self.mem_len + 1)))
         out = self._attend(q, k, v, r_all[:, :n_r])
-        start = max(0, k.shape[2] - self.mem_len)
-        cache = XLCache(k[:, :, start:], v[:, :, start:], r_all, weakref.ref(self), version)
+        keep = min(k.shape[2], self.mem_len)
+        cache = XLCache(store, start + k.shape[2] - keep, keep, r_all, weakref.ref(self), version)
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, cache
