@@ -17,11 +17,16 @@ evaluation-speed table (issue 5, item 5).
     attention length for every token (``forward`` without memory on the last ``attn_len``
     tokens). Same model and weights on both sides; the XL side keeps mem_len = attn_len - 1
     keys, so both attend to attn_len positions. Speed-up = vanilla time / cached time per
-    token, next to the paper's 363x, 773x, 1409x, 1874x at 800, 1800, 2800, 3800.
+    token, next to the paper's 363x, 773x, 1409x, 1874x at 800, 1800, 2800, 3800. Both sides
+    evaluate --eval-batch streams at once (default 8, as evaluation runs batched): one token
+    of a stream is a matrix-vector product per weight, and batching lets the cached side use
+    matrix products too.
 
     python bench/xl_attention.py [--quick] [--only kernel|eval] [--device cpu|cuda]
 
-Writes bench/results/xl_attention_<device>[_quick].json with the device name.
+Writes bench/results/xl_attention_<device>_<backend>[_quick][_<only>].json with the device
+name, the backend and the load average at the start (timings on a shared machine are noisy;
+ratios within one run are what the tables report).
 """
 
 from __future__ import annotations
@@ -268,7 +273,9 @@ def run_eval_table(args) -> list[dict]:
         model = TinyXLLM(**cfg, mem_len=attn_len - 1, backend=args.backend).to(args.device).eval()
         n_cached = 4 if args.quick else 32
         n_vanilla = 1 if args.quick else 3
-        stream = torch.randint(0, cfg["vocab"], (1, attn_len + n_cached), device=args.device)
+        stream = torch.randint(
+            0, cfg["vocab"], (args.eval_batch, attn_len + n_cached), device=args.device
+        )
         with torch.inference_mode():
             # Cached state: attn_len - 1 tokens in one call, then one token at a time. The
             # first step sees exactly the vanilla window [0, attn_len), so their logits agree;
@@ -298,6 +305,8 @@ def run_eval_table(args) -> list[dict]:
             "paper_speedup": PAPER[attn_len],
             "first_step_logits_agree": bool(agree),
             "model": cfg,
+            "batch": args.eval_batch,
+            "threads": torch.get_num_threads(),
         }
         rows.append(row)
         print(
@@ -321,6 +330,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--backend", default=None, help="effattn backend (default: auto)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument(
+        "--eval-batch", type=int, default=8, help="streams evaluated together (both sides)"
+    )
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -362,7 +374,7 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
     suffix = ("_quick" if args.quick else "") + (f"_{args.only}" if args.only else "")
-    path = RESULTS / f"xl_attention_{slug}{suffix}.json"
+    path = RESULTS / f"xl_attention_{slug}_{resolved}{suffix}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path.relative_to(ROOT)}")
     return 0

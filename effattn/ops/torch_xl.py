@@ -52,6 +52,16 @@ def _grouped(x: torch.Tensor, h_kv: int) -> torch.Tensor:
     return x.reshape(b, h_kv, (h // h_kv) * n, d)
 
 
+def _per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [B, H, n, K] @ w [H, K, P] -> [B, H, n, P] as one [B * n, K] product per head.
+
+    Broadcasting w over the batch in matmul would copy it B times (r is as long as the keys).
+    """
+    b, h, n, _ = x.shape
+    out = x.transpose(0, 1).reshape(h, b * n, -1) @ w
+    return out.view(h, b, n, -1).transpose(0, 1)
+
+
 def _tile(q, k, v, r, u, vb, i0, i1, j0, j1, dmin, dmax, scale, window):
     """What a query block needs: (qu, qv, k, v, r rows 0:hi, dist, scores).
 
@@ -76,7 +86,7 @@ def _tile(q, k, v, r, u, vb, i0, i1, j0, j1, dmin, dmax, scale, window):
         allowed &= dist < window
     n = i1 - i0
     ac = (_grouped(qu, h_kv) @ kb.transpose(-1, -2)).view(b, h, n, j1 - j0)
-    by_row = qv @ r_rows.transpose(-1, -2)  # [B, H, n, hi]: (q_i + vb) . r[t]
+    by_row = _per_head(qv, r_rows.transpose(-1, -2))  # [B, H, n, hi]: (q_i + vb) . r[t]
     bd = by_row.gather(-1, dist.clamp(0, hi - 1).expand(b, h, -1, -1))
     s = ((ac + bd) * scale).masked_fill(~allowed, float("-inf"))
     return qu, qv, kb, vb_, r_rows, dist, s
@@ -136,7 +146,7 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
         hi = r_rows.shape[1]
         ds_rows = band[..., -dmin : hi - dmin].clone()
         ds_rows[..., -1] += band[..., hi - dmin :].sum(-1)
-        dq_bd = ds_rows @ r_rows
+        dq_bd = _per_head(ds_rows, r_rows)
         dq[:, :, i0:i1] = dq_ac + dq_bd
         du += dq_ac.sum((0, 2))
         dvb += dq_bd.sum((0, 2))
