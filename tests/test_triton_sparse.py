@@ -288,6 +288,9 @@ def test_check_rejects_what_triton_cannot_serve(monkeypatch):
         ts.check(*(torch.zeros(1, 1, 4, 300),) * 3)
     with pytest.raises(TypeError, match="fp16, bf16, fp32"):
         ts.check(*(torch.zeros(1, 1, 4, 16, dtype=torch.int32),) * 3)
+    many_heads = torch.zeros(1, 65536, 1, 16)
+    with pytest.raises(ValueError, match="batch x heads"):
+        ts.sparse_forward(many_heads, q, q, lambda bm, bn: None, scale=1.0)
     monkeypatch.setattr(ts, "_interpreting", lambda: False)
     with pytest.raises(ValueError, match="CUDA tensors"):
         ts.check(q, q, q)

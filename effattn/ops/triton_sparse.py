@@ -726,9 +726,10 @@ def _table(rows: str) -> dict[tuple[str, bool, int], dict[int, _Config]]:
 
 
 # The shipped configs per kernel, operand width and BLOCK_D, on sm_80 (used below sm_90 too)
-# and sm_90: the fastest-looking choice of each that compiles without register spills and,
-# on sm_80, within the 99 KiB of shared memory that sm_86 / sm_89 also have
-# (bench/compile_report.py checks them all, from compile_configs below). The forward's 64-row
+# and sm_90: the largest tiles and most pipeline stages that compile without register spills
+# with Triton 3.6 and 3.9 and, on sm_80, within the 99 KiB of shared memory that sm_86 / sm_89
+# also have (bench/compile_report.py checks them all, from compile_configs below; untimed: no
+# GPU was at hand when they were chosen). The forward's 64-row
 # query blocks keep the work efficiency of strided(128) and fixed(128, c) above 50% at n >= 4096
 # (128-row blocks drop strided(128) to 37%: its column part is causal inside chunks of n / 128
 # keys). fp32 multiplies in IEEE fp32 without tensor cores, hence its smaller tiles.
@@ -737,33 +738,33 @@ _CONFIGS = _table(
     fwd  fp16  16 | 64x64/4/3 | 64x64/4/3
     fwd  fp16  32 | 64x64/4/3 | 64x64/4/3
     fwd  fp16  64 | 64x64/4/3 | 64x64/4/3
-    fwd  fp16 128 | 64x64/4/3 | 64x64/4/3
-    fwd  fp16 256 | 64x16/4/1 | 64x32/4/1
+    fwd  fp16 128 | 64x32/4/3 | 64x64/4/3
+    fwd  fp16 256 | 64x32/8/2 | 64x32/8/2
     dq   fp16  16 | 64x64/4/2 | 64x64/4/2
     dq   fp16  32 | 64x64/4/2 | 64x64/4/2
     dq   fp16  64 | 64x64/4/2 | 64x64/4/2
     dq   fp16 128 | 64x32/4/2 | 64x32/4/2
-    dq   fp16 256 | 64x16/4/1 | 64x16/4/1
+    dq   fp16 256 | 64x32/8/1 | 32x32/8/1
     dkdv fp16  16 | 32x64/4/1 | 32x64/4/2
-    dkdv fp16  32 | 64x64/4/2 | 32x64/4/2
-    dkdv fp16  64 | 32x64/4/2 | 32x64/4/2
+    dkdv fp16  32 | 32x64/4/1 | 32x64/4/2
+    dkdv fp16  64 | 32x64/8/2 | 32x64/4/2
     dkdv fp16 128 | 32x32/4/1 | 32x32/4/1
     dkdv fp16 256 | 16x32/4/1 | 16x32/4/1
     fwd  fp32  16 | 64x32/8/2 | 64x32/8/2
     fwd  fp32  32 | 64x32/8/2 | 64x32/8/2
     fwd  fp32  64 | 64x32/8/2 | 64x16/8/2
-    fwd  fp32 128 | 64x16/4/2 | 32x32/4/2
+    fwd  fp32 128 | 64x16/4/2 | 32x16/8/2
     fwd  fp32 256 | 64x16/8/1 | 32x16/8/1
     dq   fp32  16 | 32x32/4/2 | 32x32/4/2
     dq   fp32  32 | 32x32/4/2 | 32x32/4/2
-    dq   fp32  64 | 32x32/4/2 | 32x32/4/2
+    dq   fp32  64 | 32x32/8/2 | 32x16/4/2
     dq   fp32 128 | 32x16/4/2 | 32x16/8/2
     dq   fp32 256 | 16x16/4/1 | 16x16/4/1
-    dkdv fp32  16 | 16x32/4/2 | 32x32/4/2
+    dkdv fp32  16 | 16x32/4/2 | 32x32/8/2
     dkdv fp32  32 | 32x32/4/2 | 16x32/4/2
-    dkdv fp32  64 | 32x32/4/2 | 16x32/4/2
-    dkdv fp32 128 | 16x32/4/1 | 16x32/4/2
-    dkdv fp32 256 | 16x16/4/1 | 16x16/8/1
+    dkdv fp32  64 | 32x32/8/2 | 16x32/8/2
+    dkdv fp32 128 | 16x32/4/1 | 16x32/8/2
+    dkdv fp32 256 | 16x16/8/1 | 16x16/8/1
     """
 )
 
@@ -814,14 +815,14 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _key_mask_args(key_mask, b, h, n_k, fallback):
-    """(pointer tensor, strides) of the key mask expanded to [B, H, n_k], 0 on broadcast dims."""
+    """(pointer tensor, strides) of the key mask expanded to [B, H, n_k] (stride 0 where it
+    broadcasts), or a placeholder pointer when there is none."""
     if key_mask is None:
         return fallback, (0, 0, 0)
     if key_mask.dtype != torch.bool:
         raise TypeError(f"key_mask must be a bool tensor, got {key_mask.dtype}")
     km = key_mask.expand(b, h, n_k)
-    strides = tuple(0 if km.shape[i] == 1 else km.stride(i) for i in range(3))
-    return km.view(torch.uint8), strides
+    return km.view(torch.uint8), km.stride()
 
 
 def _exp2(dtype: torch.dtype) -> bool:
@@ -841,12 +842,11 @@ def _scales(q: torch.Tensor, scale: float):
     return q, scale * _LOG2E if _exp2(q.dtype) else scale, scale
 
 
-def _common_checks(q, k):
-    b, h, _, _ = q.shape
-    if b * h > 65535 or b * k.shape[1] > 65535:
-        raise ValueError(
-            f"batch x heads = {b * h} exceeds the 65535 programs of a CUDA grid's second axis"
-        )
+def _check_grid(q):
+    # Batch x heads is the second grid axis, which CUDA caps at 65535.
+    b, h = q.shape[:2]
+    if b * h > 65535:
+        raise ValueError(f"q has batch x heads = {b} x {h} > 65535, more than a grid axis holds")
 
 
 def _arch(device: torch.device) -> int:
@@ -943,7 +943,7 @@ def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None):
     lse = torch.empty(b, h, n_q, dtype=acc, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    _common_checks(q, k)
+    _check_grid(q)
     cfg = _config("fwd", q.dtype, d, q.device)
     layout = layout_fn(cfg.block_m, cfg.block_n)
     la = _layout_args(layout)
@@ -994,7 +994,7 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
     dv = torch.zeros(b, h_kv, n_k, d, dtype=acc, device=q.device)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq, dk, dv
-    _common_checks(q, k)
+    _check_grid(q)
     qs, qk_scale, sm_scale = _scales(q, scale)
     qs, k, v = _rows_contiguous(qs), _rows_contiguous(k), _rows_contiguous(v)
     dout = _rows_contiguous(dout)
