@@ -369,7 +369,8 @@ def _interpreting() -> bool:
 
 
 # kernel -> BLOCK_D -> (BLOCK, num_warps): the largest tiles that ptxas fits in registers
-# without spilling on sm_80 and sm_90 (bench/compile_report.py checks every entry). The band
+# without spilling on sm_80 and sm_90 with Triton 3.6 and 3.9 (bench/compile_report.py checks
+# every entry). The band
 # product adds a [B, B] accumulator and two r tiles to flash attention's working set; the
 # backward kernels hold more tiles still.
 _HALF = {
@@ -383,8 +384,8 @@ _HALF = {
 # head dims spill even at 16-row tiles; they are refused rather than run in plain TF32.
 _FP32 = {
     "fwd": {16: (32, 8), 32: (32, 8), 64: (32, 8)},
-    "bwd_dkdv": {16: (16, 4), 32: (16, 8), 64: (16, 8)},
-    "bwd_dq": {16: (16, 4), 32: (16, 4), 64: (16, 4)},
+    "bwd_dkdv": {16: (16, 8), 32: (16, 8), 64: (16, 8)},
+    "bwd_dq": {16: (16, 4), 32: (16, 4), 64: (16, 8)},
     "bwd_dr": {16: (16, 4), 32: (16, 4), 64: (16, 4)},
 }
 FP32_MAX_HEAD_DIM = 64
