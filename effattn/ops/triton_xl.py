@@ -370,9 +370,8 @@ def _interpreting() -> bool:
 
 # kernel -> BLOCK_D -> (BLOCK, num_warps): the largest tiles that ptxas fits in registers
 # without spilling on sm_80 and sm_90 with Triton 3.6 and 3.9 (bench/compile_report.py checks
-# every entry). The band
-# product adds a [B, B] accumulator and two r tiles to flash attention's working set; the
-# backward kernels hold more tiles still.
+# every entry). The band product adds a [B, B] accumulator and two r tiles to flash
+# attention's working set; the backward kernels hold more tiles still.
 _HALF = {
     "fwd": {16: (64, 8), 32: (64, 8), 64: (64, 8), 128: (32, 4), 256: (32, 4)},
     "bwd_dkdv": {16: (32, 4), 32: (32, 4), 64: (32, 4), 128: (32, 8), 256: (16, 8)},
