@@ -56,6 +56,10 @@ class Part:
         key_padding: bool [C, n_k] True where k_index is -1 and the pattern could reach that
             key, so kernels must mask it; None when no such key exists.
         layout: the part's block layout for the block sizes the plan was made with.
+        chunk: when set (to l), q_index and k_index are the transposition that sends slot
+            x = a * l + b of the keys, padded to m * l rows, to b * m + a, so executors move
+            rows with views instead of gathers. Parts without it keep the query rows as they
+            are (q_index None).
     """
 
     pattern: Pattern
@@ -66,6 +70,7 @@ class Part:
     k_index: torch.Tensor | None
     key_padding: torch.Tensor | None
     layout: BlockLayout
+    chunk: int | None = None
 
     def layout_for(self, block_m: int, block_n: int) -> BlockLayout:
         """This part's layout for other block sizes (e.g. the backward kernels'), cached."""
@@ -166,11 +171,16 @@ def _natural(pattern, n_q, n_k, block_m, block_n, device) -> Part:
     return Part(pattern, n_q, n_k, n_k - n_q, None, None, None, lay)
 
 
+def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
 def _part(terms, n_q, n_k, q_offset, q_index, k_index, key_padding, block_m, block_n, device):
+    """A part in its own index space (n_q, n_k, q_offset are the part's)."""
     pattern = Pattern("part", (tuple(terms),))
     lay = pattern.layout(n_q, n_k, block_m, block_n, q_offset=q_offset, device=device)
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return Part(pattern, n_q, n_k, q_offset, move(q_index), move(k_index), move(key_padding), lay)
+    maps = (_to(t, device) for t in (q_index, k_index, key_padding))
+    return Part(pattern, n_q, n_k, q_offset, *maps, lay)
 
 
 def _strided_parts(stride, causal, n_q, n_k, block_m, block_n, device):
@@ -196,7 +206,7 @@ def _strided_parts(stride, causal, n_q, n_k, block_m, block_n, device):
     cols = _part(
         terms, m * stride, m * stride, 0, q_index, k_index, key_padding, block_m, block_n, device
     )
-    return (band, cols)
+    return (band, dataclasses.replace(cols, chunk=stride))
 
 
 def _fixed_parts(stride, summary, num_patterns, causal, n_q, n_k, block_m, block_n, device):

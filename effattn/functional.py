@@ -131,12 +131,36 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _to_chunks(t: torch.Tensor, part: Part, front: int, fill: float = 0.0) -> torch.Tensor:
+    """Rows [B, H, N, ...] of the original sequence (the first at slot ``front``) in the
+    part's transposed order [B, H, l * m, ...] (see Part.chunk), padded with ``fill``."""
+    n_slots = part.n_q
+    extra = t.shape[3:]
+    t = t.reshape(*t.shape[:3], -1)
+    if t.shape[2] != n_slots:
+        t = torch.nn.functional.pad(t, (0, 0, front, n_slots - front - t.shape[2]), value=fill)
+    b, h = t.shape[:2]
+    t = t.view(b, h, n_slots // part.chunk, part.chunk, -1).transpose(2, 3)
+    return t.reshape(b, h, n_slots, *extra)
+
+
+def _from_chunks(t: torch.Tensor, part: Part, front: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`_to_chunks`: the n rows starting at slot ``front``."""
+    b, h, n_slots = t.shape[:3]
+    extra = t.shape[3:]
+    t = t.reshape(b, h, part.chunk, n_slots // part.chunk, -1).transpose(2, 3)
+    return t.reshape(b, h, n_slots, *extra)[:, :, front : front + n]
+
+
 def _gather_part(part: Part, q, k, v, kpm):
     """q, k, v and the key mask in the part's index space."""
-    if part.q_index is not None:
-        q = q.index_select(2, part.q_index.clamp(min=0))
     key_mask = None if kpm is None else kpm[:, None, :]
-    if part.k_index is not None:
+    if part.chunk is not None:
+        q = _to_chunks(q, part, k.shape[2] - q.shape[2])
+        k, v = _to_chunks(k, part, 0), _to_chunks(v, part, 0)
+        if key_mask is not None:
+            key_mask = _to_chunks(key_mask.unsqueeze(-1), part, 0, fill=True).squeeze(-1)
+    elif part.k_index is not None:
         h, h_kv = q.shape[1], k.shape[1]
         idx = part.k_index.clamp(min=0)
         if idx.shape[0] == 1:
@@ -156,12 +180,9 @@ def _gather_part(part: Part, q, k, v, kpm):
     return q, k, v, key_mask
 
 
-def _rows(part: Part):
-    """(part rows that hold real queries, their original rows), or None for the identity."""
-    if part.q_index is None:
-        return None
-    sel = (part.q_index >= 0).nonzero().squeeze(1)
-    return sel, part.q_index[sel]
+def _part_rows(part: Part, t: torch.Tensor, n_q: int, n_k: int) -> torch.Tensor:
+    """A part's per-row result [B, H, part rows, ...] back in original query order."""
+    return t if part.chunk is None else _from_chunks(t, part, n_k - n_q, n_q)
 
 
 def _sparse_kernels(backend: str, q, k, v):
@@ -176,26 +197,22 @@ def _run_forward(q, k, v, kpm, pattern: Pattern, scale: float, backend: str):
     kern = _sparse_kernels(backend, q, k, v)
     bm, bn = kern.plan_blocks(q)
     parts = plan(pattern, q.shape[2], k.shape[2], bm, bn, device=q.device)
-    outs, lses = [], []
+    out = lse = None
     for part in parts:
         qp, kp, vp, km = _gather_part(part, q, k, v, kpm)
-        o, lse = kern.sparse_forward(qp, kp, vp, part.layout_for, scale=scale, key_mask=km)
-        if (rows := _rows(part)) is not None:
-            sel, orig = rows
-            o = o.new_zeros(q.shape).index_copy_(2, orig, o.index_select(2, sel))
-            lse = lse.new_full(q.shape[:3], float("-inf")).index_copy_(
-                2, orig, lse.index_select(2, sel)
-            )
-        outs.append(o)
-        lses.append(lse)
-    if len(parts) == 1:
-        return outs[0].contiguous(), lses[0].contiguous()
-    lse = torch.logsumexp(torch.stack(lses), dim=0)
-    safe = torch.where(torch.isfinite(lse), lse, 0)
-    out = sum(
-        torch.exp(p - safe).unsqueeze(-1) * o.to(lse.dtype) for p, o in zip(lses, outs, strict=True)
-    )
-    return out.to(q.dtype), lse
+        o, part_lse = kern.sparse_forward(qp, kp, vp, part.layout_for, scale=scale, key_mask=km)
+        o = _part_rows(part, o, q.shape[2], k.shape[2])
+        part_lse = _part_rows(part, part_lse, q.shape[2], k.shape[2])
+        if out is None:
+            out, lse = o, part_lse
+            continue
+        # Softmaxes over disjoint key sets combine by their log-sum-exp weights.
+        merged = torch.logaddexp(lse, part_lse)
+        safe = torch.where(torch.isfinite(merged), merged, 0)
+        acc = out.to(merged.dtype).mul_(torch.exp(lse - safe).unsqueeze(-1))
+        out = acc.addcmul_(o, torch.exp(part_lse - safe).unsqueeze(-1))
+        lse = merged
+    return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
 def _run_backward(dout, dlse, q, k, v, out, lse, kpm, pattern: Pattern, scale: float, backend: str):
@@ -213,21 +230,16 @@ def _run_backward(dout, dlse, q, k, v, out, lse, kpm, pattern: Pattern, scale: f
     for part in parts:
         qp, kp, vp, km = _gather_part(part, q, k, v, kpm)
         dop, lsep, deltap = dout, lse, delta
-        if part.q_index is not None:
-            # Rows kept only for dense blocks get no gradient: zero dout and an lse of +inf.
-            real = (part.q_index >= 0).view(1, 1, -1)
-            idx = part.q_index.clamp(min=0)
-            dop = torch.where(real.unsqueeze(-1), dout.index_select(2, idx), 0)
-            lsep = torch.where(real, lse.index_select(2, idx), float("inf"))
-            deltap = torch.where(real, delta.index_select(2, idx), 0)
+        # Rows kept only for dense blocks get no gradient: zero dout and an lse of +inf.
+        if part.chunk is not None:
+            front = k.shape[2] - q.shape[2]
+            dop = _to_chunks(dout, part, front)
+            lsep = _to_chunks(lse.unsqueeze(-1), part, front, fill=float("inf")).squeeze(-1)
+            deltap = _to_chunks(delta.unsqueeze(-1), part, front).squeeze(-1)
         dqp, dkp, dvp = kern.sparse_backward(
             qp, kp, vp, dop, lsep, deltap, part.layout_for, scale=scale, key_mask=km
         )
-        if (rows := _rows(part)) is not None:
-            sel, orig = rows
-            dq.index_add_(2, orig, dqp.index_select(2, sel).to(acc))
-        else:
-            dq += dqp
+        dq += _part_rows(part, dqp, q.shape[2], k.shape[2])
         _add_key_grads(part, dk, dkp)
         _add_key_grads(part, dv, dvp)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -237,6 +249,9 @@ def _add_key_grads(part: Part, dk: torch.Tensor, dkp: torch.Tensor) -> None:
     """Add a part's key gradient back at the original keys (summing GQA groups)."""
     if part.k_index is None:
         dk += dkp
+        return
+    if part.chunk is not None:
+        dk += _from_chunks(dkp, part, 0, dk.shape[2])
         return
     valid = part.k_index >= 0
     if part.k_index.shape[0] == 1:
