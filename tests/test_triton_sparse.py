@@ -34,6 +34,15 @@ needs_interpreter = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def interpreter_env(monkeypatch):
+    # Triton reads TRITON_INTERPRET at every launch, and importing bench/compile_report.py in
+    # the same session (tests/test_cuda.py does) removes it: keep it for kernels that were
+    # created in interpreter mode.
+    if ts._interpreting():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture
 def blocks(monkeypatch):
     """Set the kernels' (block_m, block_n) for the test; None keeps the shipped configs."""
