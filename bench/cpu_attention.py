@@ -9,22 +9,16 @@ strided(128), and causal as a parity check), in one run:
     flex          FlexAttention, torch.compile'd, forward only (it has no CPU backward)
 
 each forward ("fwd") and forward + backward ("fwd+bwd"). Reported: median wall time over
---repeats runs after a warm-up (min and max alongside, since other processes share the CPU;
-at most 3 runs for calls over 10 s), the time relative to SDPA causal at the same n and pass
-(measured in the same run, before and after the other methods, all samples pooled), the
+--repeats runs after a warm-up (min, max and IQR alongside, since other processes share the
+CPU; at most 3 runs for calls over 10 s), the time relative to SDPA causal at the same n and
+pass (measured in the same run, before and after the other methods, all samples pooled), the
 median process CPU time and its ratio likewise (a view that other processes' load does not
-inflate), and the extra peak memory.
+inflate), and the extra peak memory of the first timed call (bench/common.py: growth of the
+resident set over the call, Linux only). SDPA with a dense mask is skipped (and reported so)
+when its memory, extrapolated quadratically from the previous n, would exceed --mem-budget-gb.
 
-Peak memory is the growth of the process's resident set over the first timed call: the
-process's high-water mark (VmHWM) is reset through /proc/self/clear_refs and free heap memory
-is returned to the OS (malloc_trim) just before it, so peak - baseline counts every page the call touched
-(PyTorch's allocations, the extension's own buffers, SDPA's internals) and nothing left over
-from earlier cases. Inputs exist before the baseline; outputs and gradients count as extra.
-Linux only (None elsewhere). SDPA with a dense mask is skipped (and reported so) when its
-memory, extrapolated quadratically from the previous n, would exceed --mem-budget-gb.
-
-Prints a table and the issue's targets at n = 8192; writes JSON with the machine description
-to bench/results/ (cpu_attention.json, or cpu_attention_quick.json with --quick).
+Prints a table and the issue's targets at n = 8192; writes JSON with the standard header
+(bench/common.py) to bench/results/cpu_attention_cpu[_quick].json.
 
     python bench/cpu_attention.py            # n = 2048 .. 16384
     python bench/cpu_attention.py --quick    # n = 2048, 4096; fewer repeats; no FlexAttention
@@ -33,82 +27,31 @@ to bench/results/ (cpu_attention.json, or cpu_attention_quick.json with --quick)
 from __future__ import annotations
 
 import argparse
-import ctypes
-import json
-import os
-import platform
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import effattn
-from effattn import patterns
-from effattn.ops import cpu as cpu_ops
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
+
+import effattn  # noqa: E402
+from effattn import patterns  # noqa: E402
+from effattn.ops import cpu as cpu_ops  # noqa: E402
+
+FAMILY = "cpu_attention"
 H, D = 8, 64
 TARGET_N = 8192
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-# --------------------------------------------------------------------------- measurement
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> int | None:
-    """Return free heap memory to the OS, reset VmHWM; the resident set (KiB) as the baseline."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    return _status_kib("VmRSS")
-
-
-def time_runs(fn, repeats: int, slow_s: float = 10.0):
-    """(wall seconds, process CPU seconds, extra peak MiB) of timed calls after a warm-up call.
-
-    The first timed call also gives the peak memory (module docstring); the reset happens
-    before its clock starts. Calls slower than slow_s get at most 3 repeats. CPU time (all
-    threads) does not grow when other processes take the cores: a load-independent view of
-    the work, which includes any spinning of idle worker threads.
-    """
-    t = time.perf_counter()
-    fn()  # warm-up: compilation, layouts, plans
-    if time.perf_counter() - t > slow_s:
-        repeats = min(repeats, 3)
-    wall, cpu, peak = [], [], None
-    for i in range(repeats):
-        base = _reset_peak() if i == 0 else None
-        c, t = time.process_time(), time.perf_counter()
-        fn()
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-        if base is not None and (hwm := _status_kib("VmHWM")) is not None:
-            peak = max(0, hwm - base) / 1024
-    return wall, cpu, peak
+SLOW_S = 10.0
+PASSES = ("fwd", "fwd+bwd")
+HEADER = (
+    f"{'n':>6} {'method':<12} {'pattern':<15} {'pass':<8} {'median s':>9} "
+    f"{'min-max s':>15} {'x sdpa':>7} {'speedup':>8} {'cpu s':>8} {'cpu x':>6} "
+    f"{'extra MiB':>10} {'density':>8}"
+)
 
 
 # --------------------------------------------------------------------------- cases
@@ -164,99 +107,72 @@ def runner(kind: str, pattern, n: int, backward: bool, state: dict):
     raise ValueError(kind)
 
 
-def machine() -> dict:
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": model,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "effattn_isa": cpu_ops.isas()[0] if cpu_ops.ISA is None else cpu_ops.ISA,
-        "effattn_blocks": [cpu_ops.BLOCK_M, cpu_ops.BLOCK_N],
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
+def _measure_case(kind, pattern, n, passname, repeats, state) -> dict:
+    """One timed case: its row with the samples, their summary and the extra peak memory."""
+    fn = runner(kind, pattern, n, passname == "fwd+bwd", state)
+    row = {"n": n, "method": kind, "pattern": pattern.name, "pass": passname}
+    row.update(common.measure(fn, "cpu", repeats, slow_s=SLOW_S))
+    if kind != "sdpa_causal":
+        row["density_vs_causal"] = pattern.density(n) / patterns.causal().density(n)
+    return row
 
 
-# --------------------------------------------------------------------------- main
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="n = 2048, 4096, 2 repeats, no flex")
-    ap.add_argument("--sizes", type=int, nargs="+", help="sequence lengths")
-    ap.add_argument("--repeats", type=int, help="timed runs per case (default 5, quick 2)")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: unchanged)")
-    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
-    ap.add_argument("--mem-budget-gb", type=float, default=6.0, help="skip dense masks above")
-    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _add_ratios(rows: list[dict]) -> None:
+    """Wall and CPU time relative to SDPA causal's pooled samples at the same n and pass."""
+    wall, cpu = {}, {}
+    for ps in PASSES:
+        base = [r for r in rows if r["method"] == "sdpa_causal" and r["pass"] == ps]
+        wall[ps] = statistics.median(t for r in base for t in r["times_s"])
+        cpu[ps] = statistics.median(t for r in base for t in r["cpu_times_s"])
+    for r in rows:
+        if "median_s" in r:
+            r["sdpa_causal_median_s"] = wall[r["pass"]]
+            r["ratio_to_sdpa_causal"] = r["median_s"] / wall[r["pass"]]
+            r["cpu_ratio_to_sdpa_causal"] = r["cpu_median_s"] / cpu[r["pass"]]
+
+
+def run(
+    sizes: list[int] | None = None,
+    quick: bool = False,
+    repeats: int | None = None,
+    flex: bool | None = None,
+    mem_budget_gb: float = 6.0,
+    progress: common.Progress | None = None,
+) -> dict:
+    """Run the benchmark (module docstring); returns the result document with every figure.
+
+    Defaults: n = 2048 .. 16384, 5 repeats, FlexAttention on; with quick, n = 2048, 4096,
+    2 repeats and no FlexAttention (its compilation alone takes a minute).
+    """
     if "cpu" not in effattn.backends():
-        raise SystemExit("effattn's C++ CPU kernels are not built: pip install -e .")
-    sizes = args.sizes or ([2048, 4096] if args.quick else [2048, 4096, 8192, 16384])
-    repeats = args.repeats or (2 if args.quick else 5)
-    use_flex = not (args.no_flex or args.quick)
+        raise RuntimeError("effattn's C++ CPU kernels are not built: pip install -e .")
+    progress = progress or common.Progress(FAMILY)
+    sizes = sizes or ([2048, 4096] if quick else [2048, 4096, 8192, 16384])
+    repeats = repeats or (2 if quick else 5)
+    use_flex = (not quick) if flex is None else flex
     pats = [patterns.fixed(128, 16), patterns.strided(128), patterns.causal()]
-    info = machine()
-    print(
-        f"# {info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}, "
-        f"effattn isa {info['effattn_isa']}, load {info['load_average']}"
-    )
+    info = common.machine("cpu")
+    progress(f"{info['name']}, load {info['load_average']}")
+    progress(HEADER)
 
     results, state, mask_mem = [], {}, {}
-    header = (
-        f"{'n':>6} {'method':<12} {'pattern':<15} {'pass':<8} {'median s':>9} "
-        f"{'min-max s':>15} {'x sdpa':>7} {'speedup':>8} {'cpu s':>8} {'cpu x':>6} "
-        f"{'extra MiB':>10} {'density':>8}"
-    )
-    print(header)
     for n in sizes:
-        base_samples: dict[str, list[float]] = {"fwd": [], "fwd+bwd": []}
-        base_cpu: dict[str, list[float]] = {"fwd": [], "fwd+bwd": []}
         rows = []
 
-        def measure(kind, pattern, passname, samples_into=None, n=n):
-            backward = passname == "fwd+bwd"
-            fn = runner(kind, pattern, n, backward, state)
-            ts, cpu_ts, mem = time_runs(fn, repeats)
-            if samples_into is not None:
-                samples_into[0].extend(ts)
-                samples_into[1].extend(cpu_ts)
-            return {
-                "n": n,
-                "method": kind,
-                "pattern": pattern.name if pattern else "causal()",
-                "pass": passname,
-                "times_s": ts,
-                "cpu_times_s": cpu_ts,
-                "cpu_median_s": statistics.median(cpu_ts),
-                "median_s": statistics.median(ts),
-                "extra_peak_mib": mem,
-            }
+        def measure(kind, pattern, passname, n=n):
+            row = _measure_case(kind, pattern, n, passname, repeats, state)
+            progress(_format_row(row))
+            return row
 
-        for passname in ("fwd", "fwd+bwd"):
-            rows.append(
-                measure("sdpa_causal", None, passname, (base_samples[passname], base_cpu[passname]))
-            )
+        rows += [measure("sdpa_causal", patterns.causal(), ps) for ps in PASSES]
         for p in pats:
-            density = p.density(n) / patterns.causal().density(n)
-            for passname in ("fwd", "fwd+bwd"):
-                r = measure("effattn", p, passname)
-                r["density_vs_causal"] = density
-                rows.append(r)
+            rows += [measure("effattn", p, ps) for ps in PASSES]
             if p.name == "causal()":
                 continue
-            for passname in ("fwd", "fwd+bwd"):
-                key = (p.name, passname)
-                prev = mask_mem.get(key)
+            for passname in PASSES:
+                prev = mask_mem.get((p.name, passname))
                 predicted = prev[1] * (n / prev[0]) ** 2 if prev and prev[1] else 0.0
-                if predicted > args.mem_budget_gb * 1024:
+                if predicted > mem_budget_gb * 1024:
                     rows.append(
                         {
                             "n": n,
@@ -264,64 +180,89 @@ def main() -> None:
                             "pattern": p.name,
                             "pass": passname,
                             "skipped": f"~{predicted / 1024:.1f} GB "
-                            f"predicted > --mem-budget-gb {args.mem_budget_gb}",
+                            f"predicted > --mem-budget-gb {mem_budget_gb}",
                         }
                     )
+                    progress(_format_row(rows[-1]))
                     continue
                 r = measure("sdpa_mask", p, passname)
-                r["density_vs_causal"] = density
-                mask_mem[key] = (n, r["extra_peak_mib"])
+                mask_mem[(p.name, passname)] = (n, r["extra_peak_mib"])
                 rows.append(r)
             if use_flex:
-                r = measure("flex", p, "fwd")
-                r["density_vs_causal"] = density
-                rows.append(r)
-        for passname in ("fwd", "fwd+bwd"):
-            rows.append(
-                measure("sdpa_causal", None, passname, (base_samples[passname], base_cpu[passname]))
-            )
-        base = {k: statistics.median(v) for k, v in base_samples.items()}
-        bcpu = {k: statistics.median(v) for k, v in base_cpu.items()}
-        for r in rows:
-            if "median_s" in r:
-                r["sdpa_causal_median_s"] = base[r["pass"]]
-                r["ratio_to_sdpa_causal"] = r["median_s"] / base[r["pass"]]
-                r["cpu_ratio_to_sdpa_causal"] = r["cpu_median_s"] / bcpu[r["pass"]]
-            _print_row(r)
+                rows.append(measure("flex", p, "fwd"))
+        # The baseline again after the other methods, all its samples pooled: load that changed
+        # during the sweep of this n then weighs on the baseline as on the methods.
+        rows += [measure("sdpa_causal", patterns.causal(), ps) for ps in PASSES]
+        _add_ratios(rows)
         results.extend(rows)
 
-    targets = _targets(results)
-    for line in targets["lines"]:
-        print(line)
-    info["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    out = args.out or RESULTS / ("cpu_attention_quick.json" if args.quick else "cpu_attention.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "machine": info,
-        "config": {"B": 1, "H": H, "D": D, "dtype": "float32", "sizes": sizes, "repeats": repeats},
-        "results": results,
-        "targets": targets,
+    args = {"sizes": sizes, "repeats": repeats, "flex": use_flex, "mem_budget_gb": mem_budget_gb}
+    config = {
+        "B": 1,
+        "H": H,
+        "D": D,
+        "dtype": "float32",
+        "effattn_isa": cpu_ops.isas()[0] if cpu_ops.ISA is None else cpu_ops.ISA,
+        "effattn_blocks": [cpu_ops.BLOCK_M, cpu_ops.BLOCK_N],
     }
-    out.write_text(json.dumps(payload, indent=1))
-    print(f"# wrote {out}")
+    return common.payload(
+        FAMILY, "cpu", info, args, results, config=config, quick=quick, targets=_targets(results)
+    )
 
 
-def _print_row(r: dict) -> None:
+def _format_row(r: dict) -> str:
     if "skipped" in r:
-        print(
-            f"{r['n']:>6} {r['method']:<12} {r['pattern']:<15} {r['pass']:<8} skipped: "
-            f"{r['skipped']}"
-        )
-        return
-    ts = r["times_s"]
+        return f"{r['n']:>6} {r['method']:<12} {r['pattern']:<15} {r['pass']:<8} skipped: {r['skipped']}"
     mem = "-" if r["extra_peak_mib"] is None else f"{r['extra_peak_mib']:.0f}"
     dens = f"{r['density_vs_causal']:.3f}" if "density_vs_causal" in r else ""
-    print(
+    # The ratio to SDPA causal is known only once the baseline's second measurement is in.
+    ratio = r.get("ratio_to_sdpa_causal")
+    rel = f"{ratio:>7.3f} {1 / ratio:>7.1f}x" if ratio else f"{'':>7} {'':>8}"
+    crel = f"{r['cpu_ratio_to_sdpa_causal']:>6.3f}" if ratio else f"{'':>6}"
+    return (
         f"{r['n']:>6} {r['method']:<12} {r['pattern']:<15} {r['pass']:<8} "
-        f"{r['median_s']:>9.4f} {min(ts):>7.4f}-{max(ts):<7.4f} "
-        f"{r['ratio_to_sdpa_causal']:>7.3f} {1 / r['ratio_to_sdpa_causal']:>7.1f}x "
-        f"{r['cpu_median_s']:>8.4f} {r['cpu_ratio_to_sdpa_causal']:>6.3f} {mem:>10} {dens:>8}"
+        f"{r['median_s']:>9.4f} {r['min_s']:>7.4f}-{r['max_s']:<7.4f} {rel} "
+        f"{r['cpu_median_s']:>8.4f} {crel} {mem:>10} {dens:>8}"
     )
+
+
+def table(doc: dict) -> str:
+    """Markdown table per n, pattern and pass: effattn beside SDPA causal, SDPA with the mask
+    and FlexAttention (median seconds; speed-ups over SDPA causal in wall and CPU time)."""
+    rows = doc["rows"]
+    out = []
+    for n in doc["args"]["sizes"]:
+        for r in rows:
+            if (r["n"], r["method"]) != (n, "effattn"):
+                continue
+
+            mem = "-" if r["extra_peak_mib"] is None else f"{r['extra_peak_mib']:.0f}"
+            out.append(
+                [
+                    n,
+                    f"`{r['pattern']}`",
+                    f"{r['density_vs_causal']:.3f}",
+                    r["pass"],
+                    f"{r['sdpa_causal_median_s']:.3f}",
+                    f"{r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f})",
+                    f"{1 / r['ratio_to_sdpa_causal']:.2f}x / {1 / r['cpu_ratio_to_sdpa_causal']:.2f}x",
+                    _cell(rows, r, "sdpa_mask"),
+                    _cell(rows, r, "flex"),
+                    mem,
+                ]
+            )
+    headers = ["n", "pattern", "density", "pass", "SDPA causal s", "effattn s (min-max)"]
+    headers += ["speed-up (wall / CPU time)", "SDPA + mask s", "FlexAttention s"]
+    return common.markdown_table(headers + ["effattn extra MiB"], out)
+
+
+def _cell(rows: list[dict], r: dict, method: str) -> str:
+    """Median seconds of another method in r's case, "skipped", or "-" when not run."""
+    key = (r["n"], method, r["pattern"], r["pass"])
+    o = next((x for x in rows if (x["n"], x["method"], x["pattern"], x["pass"]) == key), None)
+    if o is None:
+        return "-"
+    return "skipped" if "skipped" in o else f"{o['median_s']:.3f}"
 
 
 def _find(results, n, method, pattern, passname):
@@ -373,5 +314,37 @@ def _targets(results) -> dict:
     return {"checks": checks, "lines": lines}
 
 
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="n = 2048, 4096, 2 repeats, no flex")
+    ap.add_argument("--sizes", type=int, nargs="+", help="sequence lengths")
+    ap.add_argument("--repeats", type=int, help="timed runs per case (default 5, quick 2)")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: unchanged)")
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    ap.add_argument("--mem-budget-gb", type=float, default=6.0, help="skip dense masks above")
+    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        doc = run(
+            args.sizes,
+            args.quick,
+            args.repeats,
+            False if args.no_flex else None,
+            args.mem_budget_gb,
+        )
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
+    print(HEADER)
+    for r in doc["rows"]:
+        print(_format_row(r))
+    for line in doc["targets"]["lines"]:
+        print(line)
+    out = common.write_json(doc, args.out or common.result_path(FAMILY, "cpu", args.quick))
+    print(f"# wrote {out}")
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

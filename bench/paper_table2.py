@@ -4,7 +4,7 @@ Child et al. (2019), Table 2, report time per iteration of a Transformer on enwi
 12,288: dense attention 1.31, fixed 0.55, strided 0.35 (relative units). This script trains the
 same small Transformer stack (embedding, pre-norm blocks, causal attention, MLP) for a few
 iterations with each attention and reports the time per iteration (forward, backward and Adam
-step) and its ratio to dense, beside the paper's ratios:
+step; median, min, max and IQR) and its ratio to dense, beside the paper's ratios:
 
     dense    nn.MultiheadAttention with a causal mask (PyTorch SDPA: flash kernels on GPU)
     fixed    effattn fixed(128, 32), as the paper's enwik8 model (stride 128, c = 32)
@@ -14,32 +14,38 @@ Context 12,288 on GPU, 4,096 on CPU (`--context` to change). Medians over the ti
 iterations, after a warm-up iteration; every variant runs in the same process, one after the
 other, so that the ratios compare like with like.
 
+Writes bench/results/paper_table2_<device>[_quick].json with the standard header of
+bench/common.py.
+
 Run: python bench/paper_table2.py [--device cpu|cuda] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 from effattn import patterns  # noqa: E402
 from effattn.nn import replace_attention  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+FAMILY = "paper_table2"
 PAPER = {"dense": 1.31, "fixed": 0.55, "strided": 0.35}
 PATTERNS = {"fixed": lambda: patterns.fixed(128, 32), "strided": lambda: patterns.strided(128)}
+PATTERN_NAMES = {"dense": "causal()", "fixed": "fixed(128, 32)", "strided": "strided(128)"}
 
 
 class Block(nn.Module):
+    """Pre-norm Transformer block: causal self-attention, then a 4x MLP."""
+
     def __init__(self, d_model: int, heads: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
@@ -75,6 +81,7 @@ class Stack(nn.Module):
 
 
 def build(variant: str, args, device: torch.device) -> nn.Module:
+    """The stack with the same initial weights for every variant, its attention swapped."""
     torch.manual_seed(0)
     model = Stack(args.d_model, args.heads, args.layers).to(device)
     if variant != "dense":
@@ -82,89 +89,101 @@ def build(variant: str, args, device: torch.device) -> nn.Module:
     return model
 
 
-def time_iterations(model: nn.Module, tokens: torch.Tensor, iters: int) -> list[float]:
+def training_step(model: nn.Module, tokens: torch.Tensor) -> Callable[[], None]:
+    """One training iteration (forward, loss, backward, Adam step) as a closure."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    sync = torch.cuda.synchronize if tokens.is_cuda else (lambda: None)
-    times = []
-    for i in range(iters + 1):
-        sync()
-        t = time.perf_counter()
+
+    def step():
         logits = model(tokens[:, :-1])
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sync()
-        if i > 0:  # the first iteration builds layouts and compiles kernels
-            times.append(time.perf_counter() - t)
-    return times
+
+    return step
 
 
-def run(device: str, quick: bool, context: int | None = None, **overrides) -> dict:
-    """Time one training iteration per variant; returns the results as a dict."""
+def run(
+    device: str,
+    quick: bool,
+    context: int | None = None,
+    progress: common.Progress | None = None,
+    **overrides,
+) -> dict:
+    """Time one training iteration per variant; returns the result document.
+
+    ``overrides`` replace the model's settings (d_model, heads, layers, batch) or iters.
+    """
+    progress = progress or common.Progress(FAMILY)
     dev = torch.device(device)
     args = argparse.Namespace(d_model=256, heads=4, layers=2, batch=1, iters=3 if quick else 5)
     vars(args).update(overrides)
     n = context or (12288 if dev.type == "cuda" else 4096)
     if quick:
         n = min(n, 2048)
+    info = common.machine(dev.type)
+    progress(f"{info['name']}, context {n}, load {info['load_average']}")
     tokens = torch.randint(0, 256, (args.batch, n + 1), device=dev)
     rows = []
     for variant in ("dense", "fixed", "strided"):
-        times = time_iterations(build(variant, args, dev), tokens, args.iters)
-        rows.append(
-            {
-                "variant": variant,
-                "seconds_per_iter": statistics.median(times),
-                "min": min(times),
-                "max": max(times),
-                "iters": len(times),
-            }
+        step = training_step(build(variant, args, dev), tokens)
+        # The warm-up iteration builds layouts and compiles kernels.
+        row = {"variant": variant, "pattern": PATTERN_NAMES[variant]}
+        row.update(common.measure(step, dev.type, args.iters))
+        # Density of the attention relative to causal (dense here is causal attention).
+        pattern = PATTERNS[variant]() if variant != "dense" else patterns.causal()
+        row["density_vs_causal"] = pattern.density(n) / patterns.causal().density(n)
+        rows.append(row)
+        progress(
+            f"{variant:8s} {row['median_s']:8.3f} s/iter ({row['min_s']:.3f}-{row['max_s']:.3f})"
         )
-        print(f"  {variant:8s} {statistics.median(times):8.3f} s/iter", flush=True)
-    dense = rows[0]["seconds_per_iter"]
+    dense = rows[0]["median_s"]
     for row in rows:
-        row["ratio_to_dense"] = row["seconds_per_iter"] / dense
+        row["ratio_to_dense"] = row["median_s"] / dense
         row["paper_ratio_to_dense"] = PAPER[row["variant"]] / PAPER["dense"]
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    return {
-        "family": "paper_table2",
-        "device": name,
-        "context": n,
-        "model": {k: v for k, v in vars(args).items() if k != "iters"},
-        "patterns": {"fixed": "fixed(128, 32)", "strided": "strided(128)"},
-        "rows": rows,
-    }
+    return common.payload(
+        FAMILY,
+        dev.type,
+        info,
+        vars(args) | {"context": n, "quick": quick},
+        rows,
+        context=n,
+        paper_time_per_iter=PAPER,
+    )
 
 
 def table(result: dict) -> str:
-    lines = [
-        f"Sparse Transformer Table 2 on effattn ({result['device']}, context {result['context']})",
-        "| attention | s/iter | ratio to dense | paper's ratio |",
-        "| --- | --- | --- | --- |",
+    """Markdown table: time per iteration and ratio to dense, beside the paper's ratio."""
+    rows = [
+        [
+            f"{r['variant']} (`{r['pattern']}`)",
+            f"{r['median_s']:.3f}",
+            f"{r['min_s']:.3f}-{r['max_s']:.3f}",
+            f"{r['ratio_to_dense']:.2f}",
+            f"{r['paper_ratio_to_dense']:.2f} ({PAPER[r['variant']]})",
+        ]
+        for r in result["rows"]
     ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['variant']} | {r['seconds_per_iter']:.3f} | {r['ratio_to_dense']:.2f} | "
-            f"{r['paper_ratio_to_dense']:.2f} |"
-        )
-    return "\n".join(lines)
+    headers = ["attention", "s/iter", "min-max", "ratio to dense"]
+    return (
+        f"Sparse Transformer Table 2 on effattn ({result['machine']['name']}, "
+        f"context {result['context']})\n\n"
+        + common.markdown_table(headers + ["paper's ratio (time/iter)"], rows)
+    )
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="context <= 2048, 3 iterations")
     ap.add_argument("--context", type=int, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     result = run(args.device, args.quick, args.context)
     print(table(result))
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    out = RESULTS / f"paper_table2_{result['device'].replace(' ', '_')}{suffix}.json"
-    out.write_text(json.dumps(result, indent=1))
+    out = common.write_json(result, common.result_path(FAMILY, args.device, args.quick))
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

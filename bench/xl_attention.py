@@ -4,11 +4,10 @@ evaluation-speed table (issue 5, item 5).
 (a) ``kernel``: effattn.xl_attention vs the original formulation (AC and BD materialized as
     [B, H, L, M + L] matrices, BD aligned with ``_rel_shift``, causal mask, softmax in
     PyTorch, autograd for the backward), at L = M = 512 .. 4096, D = 64, forward and
-    forward + backward: median time and the peak memory the call adds to its inputs.
-    Backends: on CPU the one "auto" picks ("cpu" with the C++ extension, else the blockwise
-    "torch" path), on GPU "triton". CPU peaks come from a fresh subprocess per measurement
-    (ru_maxrss over the resident size after the inputs exist); GPU peaks from
-    torch.cuda.max_memory_allocated.
+    forward + backward: median time (with min, max and IQR) and the peak memory the call adds
+    to its inputs (bench/common.py: CUDA max_memory_allocated, or on CPU the growth of the
+    resident set over the call). Backends: on CPU the one "auto" picks ("cpu" with the C++
+    extension, else the blockwise "torch" path), on GPU "triton".
 
 (b) ``eval``: the paper's Table (evaluation speed, Dai et al. 2019, section 4.3): a small
     Transformer-XL language model built from XLMultiheadAttention predicts one token at a time
@@ -17,75 +16,39 @@ evaluation-speed table (issue 5, item 5).
     attention length for every token (``forward`` without memory on the last ``attn_len``
     tokens). Same model and weights on both sides; the XL side keeps mem_len = attn_len - 1
     keys, so both attend to attn_len positions. Speed-up = vanilla time / cached time per
-    token, next to the paper's 363x, 773x, 1409x, 1874x at 800, 1800, 2800, 3800. Both sides
-    evaluate --eval-batch streams at once (default 16, as evaluation runs batched): one token
-    of a stream is a matrix-vector product per weight, and batching lets the cached side use
-    matrix products too.
+    token (medians over tokens), next to the paper's 363x, 773x, 1409x, 1874x at 800, 1800,
+    2800, 3800. Both sides evaluate --eval-batch streams at once (default 16, as evaluation
+    runs batched): one token of a stream is a matrix-vector product per weight, and batching
+    lets the cached side use matrix products too.
 
     python bench/xl_attention.py [--quick] [--only kernel|eval] [--device cpu|cuda]
 
-Writes bench/results/xl_attention_<device>_<backend>[_quick][_<only>].json with the device
-name, the backend and the load average at the start (timings on a shared machine are noisy;
-ratios within one run are what the tables report).
+Writes bench/results/xl_attention_<device>[_<backend>][_<only>][_quick].json (the backend only
+when --backend names one) with the standard header of bench/common.py; ratios within one run
+are what the tables report, since timings on a shared machine are noisy.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import re
-import resource
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 import effattn  # noqa: E402
 from effattn import functional  # noqa: E402
 from effattn.nn import XLMultiheadAttention  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
+FAMILY = "xl_attention"
 PAPER = {800: 363, 1800: 773, 2800: 1409, 3800: 1874}
-
-
-# --------------------------------------------------------------------------- device
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = re.search(r"model name\s*:\s*(.+)", text).group(1).strip()
-    except (OSError, AttributeError):
-        model = platform.processor() or platform.machine()
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn, device: str, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+EVAL_MODEL = {"vocab": 256, "d_model": 256, "n_head": 4, "d_inner": 1024, "n_layer": 4}
 
 
 # --------------------------------------------------------------------------- (a) kernel
@@ -107,6 +70,7 @@ def original_xl(q, k, v, r_desc, u, vb, scale):
 
 
 def kernel_inputs(b, h, n, d, device, dtype, grad):
+    """q, k, v, r, u, vb for L = M = n (r covers every distance: no clamping)."""
     g = torch.Generator().manual_seed(0)
     shapes = [(b, h, n, d), (b, h, 2 * n, d), (b, h, 2 * n, d), (h, 2 * n, d), (h, d), (h, d)]
     return [
@@ -115,6 +79,7 @@ def kernel_inputs(b, h, n, d, device, dtype, grad):
 
 
 def kernel_call(impl, mode, inputs, backend):
+    """One forward (and backward, for "fwd+bwd") of the original formulation or effattn."""
     q, k, v, r, u, vb = inputs
     scale = q.shape[-1] ** -0.5
     if impl == "original":
@@ -128,80 +93,46 @@ def kernel_call(impl, mode, inputs, backend):
             t.grad = None
 
 
-def measure_kernel(impl, mode, n, args) -> dict:
-    """One (implementation, mode, size) measurement: time and the peak memory it adds."""
-    device, dtype = args.device, getattr(torch, args.dtype)
-    inputs = kernel_inputs(args.batch, args.heads, n, 64, device, dtype, mode == "fwd+bwd")
-    backend = args.backend
-
-    def call():
-        if mode == "fwd":
-            with torch.no_grad():
-                kernel_call(impl, mode, inputs, backend)
-        else:
-            kernel_call(impl, mode, inputs, backend)
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        call()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = _rss_bytes()
-        call()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    seconds = median_time(call, device, args.repeats, warmup=0)
-    return {"impl": impl, "mode": mode, "L": n, "M": n, "seconds": seconds, "peak_bytes": peak}
-
-
-def _rss_bytes() -> int:
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize()
-
-
-def run_kernel_table(args) -> list[dict]:
-    sizes = [512, 1024] if args.quick else [512, 1024, 2048, 4096]
+def run_kernel_table(opts: dict, progress: common.Progress) -> list[dict]:
+    """Rows of (a): one per implementation, pass and size; effattn's rows carry the ratios."""
+    device, dtype = opts["device"], getattr(torch, opts["dtype"])
     rows = []
-    for n in sizes:
+    for n in opts["sizes"]:
         for mode in ("fwd", "fwd+bwd"):
             pair = {}
             for impl in ("original", "effattn"):
-                if args.device == "cpu":  # a fresh process: ru_maxrss is a lifetime maximum
-                    cmd = [sys.executable, __file__, "--_one", impl, mode, str(n)]
-                    cmd += [f"--{k}={v}" for k, v in _forwarded(args).items()]
-                    res = subprocess.run(cmd, capture_output=True, text=True)
-                    if res.returncode:
-                        raise RuntimeError(f"{impl} {mode} L={n} failed:\n{res.stderr[-3000:]}")
-                    row = json.loads(res.stdout.strip().splitlines()[-1])
-                else:
-                    row = measure_kernel(impl, mode, n, args)
+                inputs = kernel_inputs(
+                    opts["batch"], opts["heads"], n, 64, device, dtype, mode == "fwd+bwd"
+                )
+
+                def call(impl=impl, mode=mode, inputs=inputs):
+                    # The forward runs without autograd, as in evaluation.
+                    with torch.set_grad_enabled(mode == "fwd+bwd"):
+                        kernel_call(impl, mode, inputs, opts["backend"])
+
+                row = {"table": "kernel", "impl": impl, "mode": mode, "L": n, "M": n}
+                row.update(common.measure(call, device, opts["repeats"]))
+                del call, inputs  # free this case's tensors before the next case allocates
+                if device == "cuda":
                     torch.cuda.empty_cache()
                 pair[impl] = row
                 rows.append(row)
             o, e = pair["original"], pair["effattn"]
-            speed, mem = o["seconds"] / e["seconds"], o["peak_bytes"] / max(e["peak_bytes"], 1)
-            print(
-                f"L=M={n:5d} {mode:8s} original {o['seconds'] * 1e3:9.1f} ms "
-                f"{o['peak_bytes'] / 2**20:8.1f} MiB | effattn {e['seconds'] * 1e3:9.1f} ms "
-                f"{e['peak_bytes'] / 2**20:8.1f} MiB | {speed:5.2f}x faster, "
-                f"{mem:6.1f}x less memory",
-                flush=True,
+            e["original_median_s"] = o["median_s"]
+            e["speedup"] = o["median_s"] / e["median_s"]
+            if o["extra_peak_mib"] is not None and e["extra_peak_mib"] is not None:
+                e["memory_ratio"] = o["extra_peak_mib"] / max(e["extra_peak_mib"], 1 / 1024)
+            progress(
+                f"L=M={n:5d} {mode:8s} original {o['median_s'] * 1e3:9.1f} ms "
+                f"{_mib(o)} MiB | effattn {e['median_s'] * 1e3:9.1f} ms {_mib(e)} MiB | "
+                f"{e['speedup']:5.2f}x faster, {e.get('memory_ratio', float('nan')):6.1f}x "
+                "less memory"
             )
     return rows
 
 
-def _forwarded(args) -> dict:
-    return {
-        "device": args.device,
-        "dtype": args.dtype,
-        "batch": args.batch,
-        "heads": args.heads,
-        "repeats": args.repeats,
-        "backend": args.backend,
-        "threads": torch.get_num_threads(),
-    }
+def _mib(row: dict) -> str:
+    return "       -" if row["extra_peak_mib"] is None else f"{row['extra_peak_mib']:8.1f}"
 
 
 # --------------------------------------------------------------------------- (b) eval
@@ -264,61 +195,164 @@ class TinyXLLM(nn.Module):
         return self.out(h[:, -1]), new
 
 
-def run_eval_table(args) -> list[dict]:
-    lengths = [800, 1800, 2800, 3800]
-    cfg = {"vocab": 256, "d_model": 256, "n_head": 4, "d_inner": 1024, "n_layer": 4}
+def run_eval_table(opts: dict, progress: common.Progress) -> list[dict]:
+    """Rows of (b): per attention length, time per token with cached state and vanilla."""
     rows = []
     torch.manual_seed(0)
-    for attn_len in lengths:
-        model = TinyXLLM(**cfg, mem_len=attn_len - 1, backend=args.backend).to(args.device).eval()
-        n_cached = 4 if args.quick else 32
-        n_vanilla = 1 if args.quick else 2
-        stream = torch.randint(
-            0, cfg["vocab"], (args.eval_batch, attn_len + n_cached), device=args.device
-        )
-        with torch.inference_mode():
-            # Cached state: attn_len - 1 tokens in one call, then one token at a time. The
-            # first step sees exactly the vanilla window [0, attn_len), so their logits agree;
-            # later the cached hidden states carry context from beyond the window (that is
-            # what the memory is for) and the two models legitimately differ.
-            _, caches = model.decode(stream[:, : attn_len - 1], None)
-            first, caches = model.decode(stream[:, attn_len - 1 : attn_len], caches)
-            agree = torch.allclose(first, model(stream[:, :attn_len]), atol=1e-3, rtol=1e-3)
-            sync(args.device)
-            t0 = time.perf_counter()
-            for i in range(attn_len, attn_len + n_cached):
-                _, caches = model.decode(stream[:, i : i + 1], caches)
-            sync(args.device)
-            cached = (time.perf_counter() - t0) / n_cached
-            # Vanilla: the whole window again for every token.
-            sync(args.device)
-            t0 = time.perf_counter()
-            for end in range(attn_len + n_cached - n_vanilla, attn_len + n_cached):
-                model(stream[:, end - attn_len : end])
-            sync(args.device)
-            vanilla = (time.perf_counter() - t0) / n_vanilla
-        row = {
-            "attn_len": attn_len,
-            "cached_ms_per_token": cached * 1e3,
-            "vanilla_ms_per_token": vanilla * 1e3,
-            "speedup": vanilla / cached,
-            "paper_speedup": PAPER[attn_len],
-            "first_step_logits_agree": bool(agree),
-            "model": cfg,
-            "batch": args.eval_batch,
-            "threads": torch.get_num_threads(),
-        }
+    for attn_len in opts["eval_lengths"]:
+        row = eval_length(attn_len, opts)
         rows.append(row)
-        print(
-            f"attn_len {attn_len}: vanilla {vanilla * 1e3:9.1f} ms/token, cached "
-            f"{cached * 1e3:7.2f} ms/token -> {vanilla / cached:7.0f}x (paper {PAPER[attn_len]}x)"
-            f"{'' if agree else '  [cached and vanilla logits DISAGREE]'}",
-            flush=True,
+        progress(
+            f"attn_len {attn_len}: vanilla {row['vanilla_ms_per_token']:9.1f} ms/token, cached "
+            f"{row['cached_ms_per_token']:7.2f} ms/token -> {row['speedup']:7.0f}x "
+            f"(paper {PAPER[attn_len]}x)"
+            f"{'' if row['first_step_logits_agree'] else '  [cached and vanilla logits DISAGREE]'}"
         )
     return rows
 
 
-# --------------------------------------------------------------------------- main
+def eval_length(attn_len: int, opts: dict) -> dict:
+    """One row of (b): the model evaluated token by token, with cached state and vanilla."""
+    device, batch = opts["device"], opts["eval_batch"]
+    model = TinyXLLM(**EVAL_MODEL, mem_len=attn_len - 1, backend=opts["backend"])
+    model = model.to(device).eval()
+    n_cached, n_vanilla = opts["cached_tokens"], opts["vanilla_tokens"]
+    stream = torch.randint(0, EVAL_MODEL["vocab"], (batch, attn_len + n_cached), device=device)
+    state = {"pos": attn_len}
+    with torch.inference_mode():
+        # Cached state: attn_len - 1 tokens in one call, then one token at a time. The first
+        # step sees exactly the vanilla window [0, attn_len), so their logits agree; later the
+        # cached hidden states carry context from beyond the window (that is what the memory is
+        # for) and the two models legitimately differ. The vanilla call of this check is also
+        # the vanilla side's warm-up, the first steps the cached side's.
+        _, state["caches"] = model.decode(stream[:, : attn_len - 1], None)
+        first, state["caches"] = model.decode(stream[:, attn_len - 1 : attn_len], state["caches"])
+        agree = torch.allclose(first, model(stream[:, :attn_len]), atol=1e-3, rtol=1e-3)
+
+        def cached_step():
+            i = state["pos"]
+            _, state["caches"] = model.decode(stream[:, i : i + 1], state["caches"])
+            state["pos"] = i + 1
+
+        def vanilla_step():  # the whole window again for one token
+            model(stream[:, -attn_len:])
+
+        cached = common.measure(cached_step, device, n_cached, warmup=0, memory=False)
+        vanilla = common.measure(vanilla_step, device, n_vanilla, warmup=0, memory=False)
+    return {
+        "table": "eval",
+        "attn_len": attn_len,
+        "cached_ms_per_token": cached["median_s"] * 1e3,
+        "vanilla_ms_per_token": vanilla["median_s"] * 1e3,
+        "speedup": vanilla["median_s"] / cached["median_s"],
+        "paper_speedup": PAPER[attn_len],
+        "first_step_logits_agree": bool(agree),
+        "cached": cached,
+        "vanilla": vanilla,
+    }
+
+
+# --------------------------------------------------------------------------- entry points
+def run(
+    device: str = "cpu",
+    quick: bool = False,
+    only: str | None = None,
+    *,
+    dtype: str | None = None,
+    batch: int | None = None,
+    heads: int | None = None,
+    repeats: int | None = None,
+    backend: str = "auto",
+    eval_batch: int = 16,
+    sizes: list[int] | None = None,
+    eval_lengths: list[int] | None = None,
+    progress: common.Progress | None = None,
+) -> dict:
+    """Run (a) and (b), or the one named by ``only``; returns the result document.
+
+    Defaults: on GPU bf16, B = 2, H = 8, 10 repeats; on CPU fp32, B = 1, H = 4, 3 repeats.
+    With quick, L = M = 512, 1024, attention lengths 800 and 1800, fewer tokens.
+    """
+    progress = progress or common.Progress(FAMILY)
+    gpu = device == "cuda"
+    opts = {
+        "device": device,
+        "dtype": dtype or ("bfloat16" if gpu else "float32"),
+        "batch": batch or (2 if gpu else 1),
+        "heads": heads or (8 if gpu else 4),
+        "repeats": repeats or (10 if gpu else 3),
+        "backend": backend,
+        "eval_batch": eval_batch,
+        "sizes": sizes or ([512, 1024] if quick else [512, 1024, 2048, 4096]),
+        # The vanilla side recomputes the whole window per token: about 100 s a token at 3800
+        # on two CPU cores, too long for a quick run.
+        "eval_lengths": eval_lengths or ([800, 1800] if quick else list(PAPER)),
+        "cached_tokens": 4 if quick else 32,
+        "vanilla_tokens": 1 if quick else 2,
+        "only": only,
+    }
+    info = common.machine(device)
+    resolved = functional._resolve_xl_backend(backend, torch.device(device))
+    progress(f"{info['name']}; effattn backend {resolved}; load {info['load_average']}")
+    rows = []
+    if only in (None, "kernel"):
+        rows += run_kernel_table(opts, progress)
+    if only in (None, "eval"):
+        rows += run_eval_table(opts, progress)
+    setup = {
+        "kernel": {"B": opts["batch"], "H": opts["heads"], "D": 64, "dtype": opts["dtype"]},
+        "eval": {**EVAL_MODEL, "batch": eval_batch},
+    }
+    return common.payload(
+        FAMILY, device, info, opts, rows, backend=resolved, setup=setup, quick=quick
+    )
+
+
+def table(doc: dict) -> str:
+    """Markdown tables of (a) and (b), for the rows the document has."""
+    parts = []
+    kernel = [r for r in doc["rows"] if r["table"] == "kernel" and r["impl"] == "effattn"]
+    if kernel:
+        orig = {
+            (r["L"], r["mode"]): r
+            for r in doc["rows"]
+            if r["table"] == "kernel" and r["impl"] == "original"
+        }
+        rows = []
+        for e in kernel:
+            o = orig[(e["L"], e["mode"])]
+            rows.append(
+                [
+                    e["L"],
+                    e["mode"],
+                    f"{o['median_s'] * 1e3:.1f} ({o['min_s'] * 1e3:.1f}-{o['max_s'] * 1e3:.1f})",
+                    f"{e['median_s'] * 1e3:.1f} ({e['min_s'] * 1e3:.1f}-{e['max_s'] * 1e3:.1f})",
+                    f"{e['speedup']:.2f}x",
+                    _mib(o).strip(),
+                    _mib(e).strip(),
+                    f"{e['memory_ratio']:.1f}x" if "memory_ratio" in e else "-",
+                ]
+            )
+        headers = ["L = M", "pass", "original ms (min-max)", "effattn ms (min-max)", "speed-up"]
+        headers += ["original MiB", "effattn MiB", "less memory"]
+        parts.append(common.markdown_table(headers, rows))
+    evals = [r for r in doc["rows"] if r["table"] == "eval"]
+    if evals:
+        rows = [
+            [
+                r["attn_len"],
+                f"{r['vanilla_ms_per_token']:.1f}",
+                f"{r['cached_ms_per_token']:.2f}",
+                f"{r['speedup']:.0f}x",
+                f"{r['paper_speedup']}x",
+            ]
+            for r in evals
+        ]
+        headers = ["attention length", "vanilla ms/token", "cached ms/token", "speed-up"]
+        parts.append(common.markdown_table(headers + ["paper"], rows))
+    return "\n\n".join(parts)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="L = M = 512, 1024; few tokens")
@@ -328,55 +362,31 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--heads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--backend", default=None, help="effattn backend (default: auto)")
+    ap.add_argument("--backend", default="auto", help="effattn backend (default: auto)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument(
         "--eval-batch", type=int, default=16, help="streams evaluated together (both sides)"
     )
-    ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    gpu = args.device == "cuda"
-    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    args.batch = args.batch or (2 if gpu else 1)
-    args.heads = args.heads or (8 if gpu else 4)
-    args.repeats = args.repeats or (10 if gpu else 3)
-    args.backend = args.backend or "auto"
-    if args._one:
-        impl, mode, n = args._one
-        print(json.dumps(measure_kernel(impl, mode, int(n), args)))
-        return 0
-
-    name = device_name(args.device)
-    resolved = functional._resolve_xl_backend(args.backend, torch.device(args.device))
-    print(f"device: {name}; effattn backend: {resolved}; torch {torch.__version__}")
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
-    result = {
-        "device": name,
-        "device_type": args.device,
-        "backend": resolved,
-        "torch": torch.__version__,
-        "quick": args.quick,
-        "load_average_at_start": load,
-        "kernel_setup": {
-            "B": args.batch,
-            "H": args.heads,
-            "D": 64,
-            "dtype": args.dtype,
-            "memory": "peak bytes added to the inputs (CPU: ru_maxrss of a fresh process)",
-        },
-    }
-    if args.only in (None, "kernel"):
-        result["kernel"] = run_kernel_table(args)
-    if args.only in (None, "eval"):
-        result["eval"] = run_eval_table(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
-    suffix = ("_quick" if args.quick else "") + (f"_{args.only}" if args.only else "")
-    path = RESULTS / f"xl_attention_{slug}_{resolved}{suffix}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path.relative_to(ROOT)}")
+    doc = run(
+        args.device,
+        args.quick,
+        args.only,
+        dtype=args.dtype,
+        batch=args.batch,
+        heads=args.heads,
+        repeats=args.repeats,
+        backend=args.backend,
+        eval_batch=args.eval_batch,
+    )
+    print(table(doc))
+    tag = "_".join(
+        ([doc["backend"]] if args.backend != "auto" else []) + ([args.only] if args.only else [])
+    )
+    out = common.write_json(doc, common.result_path(FAMILY, args.device, args.quick, tag))
+    print(f"wrote {out.relative_to(common.ROOT)}")
     return 0
 
 
