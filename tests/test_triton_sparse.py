@@ -292,17 +292,20 @@ def test_torch_compile_aot_eager_traces_the_backward(blocks):
 
 # ------------------------------------------------------------------ bad input, configs
 def test_check_rejects_what_triton_cannot_serve(monkeypatch):
-    q = torch.zeros(1, 1, 4, 16)
+    q = torch.zeros(1, 1, 4, 16, device=DEVICE)
     with pytest.raises(ValueError, match="head dims"):
-        ts.check(*(torch.zeros(1, 1, 4, 300),) * 3)
+        ts.check(*(torch.zeros(1, 1, 4, 300, device=DEVICE),) * 3)
     with pytest.raises(TypeError, match="fp16, bf16, fp32"):
-        ts.check(*(torch.zeros(1, 1, 4, 16, dtype=torch.int32),) * 3)
-    many_heads = torch.zeros(1, 65536, 1, 16)
+        ts.check(*(torch.zeros(1, 1, 4, 16, dtype=torch.int32, device=DEVICE),) * 3)
+    many_heads = torch.zeros(1, 65536, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="batch x heads"):
         ts.sparse_forward(many_heads, q, q, lambda bm, bn: None, scale=1.0)
     monkeypatch.setattr(ts, "_interpreting", lambda: False)
     with pytest.raises(ValueError, match="CUDA tensors"):
-        ts.check(q, q, q)
+        ts.check(*(torch.zeros(1, 1, 4, 16),) * 3)
+    if HAS_CUDA:
+        with pytest.raises(TypeError, match="fp64 only in Triton's interpreter"):
+            ts.check(*(q.double(),) * 3)
     with pytest.raises(ValueError, match="head dim"):
         effattn.sparse_attention(*(torch.zeros(1, 1, 4, 8),) * 3, P.causal(), backend="triton")
 
