@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import multiprocessing
 import os
 import pkgutil
 import re
@@ -57,11 +58,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-
-# The report compiles real kernels: Triton imported in interpreter mode could not.
-os.environ.pop("TRITON_INTERPRET", None)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -115,13 +113,29 @@ def collect_triton_configs() -> list[str]:
     return errors
 
 
-def triton_rows(archs, pattern) -> list[dict]:
+def _triton_share(archs, pattern, share: int, shares: int) -> list[dict]:
+    """Compile every ``shares``-th selected config, starting at ``share`` (one worker's part)."""
+    if not TRITON_CONFIGS:
+        collect_triton_configs()
     selected = [(m, c) for m, c in TRITON_CONFIGS if not pattern or pattern in c.name]
-    rows = _aot.aot_compile_configs([c for _, c in selected], archs)
-    module_of = {c.name: m for m, c in selected}
+    mine = selected[share::shares]
+    rows = _aot.aot_compile_configs([c for _, c in mine], archs)
+    module_of = {c.name: m for m, c in mine}
     for row in rows:
         row.update(kind="triton", module=module_of.get(row["kernel"], "?"))
     return rows
+
+
+def triton_rows(archs, pattern) -> list[dict]:
+    # Triton compiles on one core: split the configs over worker processes (spawned, so each
+    # imports the kernel modules afresh) to use all of them.
+    jobs = min(os.cpu_count() or 1, max(1, len(TRITON_CONFIGS) // 8))
+    if jobs == 1:
+        return _triton_share(archs, pattern, 0, 1)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
+        shares = [pool.submit(_triton_share, archs, pattern, s, jobs) for s in range(jobs)]
+        return [row for share in shares for row in share.result()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,6 +271,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--no-cuda", action="store_true")
     args = ap.parse_args(argv)
+    # The report compiles real kernels, which Triton in interpreter mode cannot: drop the flag
+    # before any kernel module is imported (here, not at import, so that importing this module
+    # from a test session leaves its interpreter alone).
+    os.environ.pop("TRITON_INTERPRET", None)
 
     rows: list[dict] = []
     errors: list[str] = []

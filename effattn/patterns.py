@@ -280,6 +280,12 @@ class Pattern:
         self._parts = parts
         self._combine = combine
         self.period = len(classes) if classes is not None else self._custom_period()
+        # The whole built-in pattern as a string, for custom ops, which take no Python objects
+        # (from_key rebuilds it). Made here, once: torch.compile then reads a plain attribute.
+        self.key = None
+        if classes is not None:
+            terms = tuple(tuple(t.as_tuple() for t in ts) for ts in classes)
+            self.key = str((name, terms, kind, head_divisor))
 
     # ----------------------------------------------------------------- element level
     def __repr__(self) -> str:
@@ -306,14 +312,6 @@ class Pattern:
         if self._classes is None:
             raise ValueError(f"{self.name} is a custom pattern: it has stored masks, not terms")
         return self._classes
-
-    @property
-    def key(self) -> str:
-        """The whole pattern as a string (built-in patterns only), for custom ops, which take
-        no Python objects: :func:`from_key` rebuilds it. Building it touches no global state,
-        so torch.compile can trace patterns created inside compiled code."""
-        terms = tuple(tuple(t.as_tuple() for t in ts) for ts in self.classes())
-        return str((self.name, terms, self.kind, self.head_divisor))
 
     def _custom_period(self) -> int:
         if self._custom is not None:

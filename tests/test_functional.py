@@ -115,8 +115,10 @@ def test_reference_backend_and_default_backend():
     assert set(effattn.backends()) <= {"triton", "cuda", "cpu", "reference"}
 
 
-def test_compile_traces_without_graph_breaks_or_recompiles():
+@pytest.mark.parametrize("made_inside", [True, False])
+def test_compile_traces_without_graph_breaks_or_recompiles(made_inside):
     torch._dynamo.reset()
+    outside = P.strided(8)
     compiles = 0
 
     def counting_backend(gm, example_inputs):
@@ -126,7 +128,8 @@ def test_compile_traces_without_graph_breaks_or_recompiles():
 
     @torch.compile(backend=counting_backend, fullgraph=True, dynamic=True)
     def f(q, k, v):
-        return effattn.sparse_attention(q, k, v, P.strided(8), backend="torch") * 2
+        pattern = P.strided(8) if made_inside else outside
+        return effattn.sparse_attention(q, k, v, pattern, backend="torch") * 2
 
     for n in (40, 56, 72):
         q, k, v = make(1, 2, 2, n, n, 16, dtype=torch.float32)
