@@ -7,6 +7,8 @@ causal as a parity check), in one run:
     sdpa_causal   F.scaled_dot_product_attention(is_causal=True) on the flash backend: the
                   baseline of the targets (pattern-independent, measured once per n and D)
     effattn       effattn.sparse_attention(..., backend="triton")
+    effattn_cuda  effattn.sparse_attention(..., backend="cuda"), when the CUDA C++ kernels are
+                  built (EFFATTN_CUDA=1) and the head dim is one they serve (64, 128)
     flex          FlexAttention with the same mask (mask_mod + block mask), torch.compile'd
     reference     effattn.reference.attention with the dense mask (O(n^2) memory; skipped when
                   its score matrices would exceed --mem-budget-gb)
@@ -100,6 +102,8 @@ def method(kind, pattern, q, k, v, state):
         return run
     if kind == "effattn":
         return lambda: effattn.sparse_attention(q, k, v, pattern, backend="triton")
+    if kind == "effattn_cuda":
+        return lambda: effattn.sparse_attention(q, k, v, pattern, backend="cuda")
     if kind == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -167,6 +171,8 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     device = torch.cuda.get_device_name()
     kinds = ["effattn", "reference"] + ([] if args.no_flex else ["flex"])
+    if "cuda" in effattn.backends():
+        kinds.insert(1, "effattn_cuda")
     rows, state = [], {}
 
     def record(**row):
