@@ -67,6 +67,7 @@ def flex_mask_mod(pattern_name: str):
 
 
 def make_inputs(n: int, grad: bool):
+    """q, k, v [1, H, n, D] (requiring grad for the backward pass) and an output gradient."""
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(1, H, n, D, generator=g) for _ in range(3))
     if grad:

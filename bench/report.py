@@ -133,41 +133,43 @@ def render_doc(doc: dict) -> str:
 
 
 # --------------------------------------------------------------------------- plots
-def _series(rows, key_fn, x, y):
-    """{label: (xs, ys, lows, highs)} sorted by x; lows/highs are min/max where present."""
-    out: dict[str, tuple[list, list, list, list]] = {}
-    for r in sorted(rows, key=lambda r: r[x]):
-        xs, ys, lo, hi = out.setdefault(key_fn(r), ([], [], [], []))
-        xs.append(r[x])
-        ys.append(r[y])
-        lo.append(r.get("min_s", r[y]) if y == "median_s" else r[y])
-        hi.append(r.get("max_s", r[y]) if y == "median_s" else r[y])
-    return out
+def _time_panels(axes, rows, label, unit, xlabel="sequence length n"):
+    """Median time vs n per label(row), one panel per pass, with min-max error bars."""
+    from matplotlib.ticker import NullLocator
 
-
-def _time_panels(axes, rows, label, y, unit):
-    """Time vs n per method and pattern, one panel per pass, with min-max error bars."""
+    ns = sorted({r["n"] for r in rows})
     for ax, passname in zip(axes, ("fwd", "fwd+bwd")):
-        sel = [r for r in rows if r["pass"] == passname and y in r]
-        for name, (xs, ys, lo, hi) in _series(sel, label, "n", y).items():
-            err = [[v - a for v, a in zip(ys, lo)], [b - v for v, b in zip(ys, hi)]]
+        series: dict[str, list[dict]] = {}
+        for r in sorted((r for r in rows if r["pass"] == passname), key=lambda r: r["n"]):
+            series.setdefault(label(r), []).append(r)
+        for name, sel in series.items():
+            ys = [r["median_s"] for r in sel]
+            err = [
+                [y - r.get("min_s", y) for y, r in zip(ys, sel)],
+                [r.get("max_s", y) - y for y, r in zip(ys, sel)],
+            ]
             style = "--" if name.startswith("sdpa_causal") else "-"
+            xs = [r["n"] for r in sel]
             ax.errorbar(xs, ys, yerr=err, fmt=style, marker="o", ms=3, capsize=2, label=name)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length n", ylabel=unit, title=passname)
-        ax.set_xticks(
-            sorted({r["n"] for r in rows}), [str(n) for n in sorted({r["n"] for r in rows})]
-        )
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=unit, title=passname)
+        ax.xaxis.set_minor_locator(NullLocator())  # only the measured n as ticks
+        ax.set_xticks(ns, [str(n) for n in ns])
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
 
 
 def _speedup_panel(ax, points, title, target=True):
-    """Speed-up over SDPA causal vs density, with the 1/density ideal and (for the kernel
-    benchmarks) the issues' target of 2 x density x SDPA causal time."""
+    """Speed-up vs density: one line per label through (density, speed-up, note) points,
+    each point annotated with its note (the sequence length), beside the 1/density ideal and
+    (for the kernel benchmarks) the issues' target of 2 x density x SDPA causal time."""
     import numpy as np
 
-    for label, xs, ys in points:
-        ax.plot(xs, ys, "o", label=label)
+    for label, pts in points:
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, label=label)
+        for x, y, note in pts:
+            if note:
+                ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
     d = np.geomspace(0.02, 1.0, 50)
     ax.plot(d, 1 / d, "k:", label="1 / density (work-proportional)")
     if target:
@@ -185,11 +187,30 @@ def _label(r: dict) -> str:
     return name + (f" D={r['d']}" if "d" in r else "")
 
 
+def _pool_baseline(rows: list[dict]) -> list[dict]:
+    """cpu_attention measures SDPA causal before and after the other methods: one point per
+    n and pass, at the pooled median the ratios use, spanning both measurements."""
+    out, seen = [], {}
+    for r in rows:
+        if r["method"] != "sdpa_causal":
+            out.append(r)
+            continue
+        key = (r["n"], r["pass"])
+        if key in seen:
+            p = seen[key]
+            p["min_s"], p["max_s"] = min(p["min_s"], r["min_s"]), max(p["max_s"], r["max_s"])
+            continue
+        seen[key] = dict(r, median_s=r["sdpa_causal_median_s"])
+        out.append(seen[key])
+    return out
+
+
 def _plot_sparse_like(doc: dict, plt) -> list[tuple]:
     """Time vs n and speed-up vs density, for cpu_attention (s) and sparse_attention (ms)."""
     rows = [r for r in doc["rows"] if "skipped" not in r]
     if doc["family"] == "cpu_attention":
         unit = "seconds (median, min-max)"
+        rows = _pool_baseline(rows)
         speed = lambda r: 1 / r["ratio_to_sdpa_causal"]
     else:  # bench/sparse_attention.py: medians in ms, the baseline per head dim
         unit = "milliseconds (median)"
@@ -198,42 +219,45 @@ def _plot_sparse_like(doc: dict, plt) -> list[tuple]:
         speed = lambda r: base[(r["d"], r["n"], r["pass"])] / r["median_s"]
     figs = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    _time_panels(axes, rows, _label, "median_s", unit)
+    _time_panels(axes, rows, _label, unit)
     figs.append((fig, "time"))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, passname in zip(axes, ("fwd", "fwd+bwd")):
-        pts = []
-        for n in sorted({r["n"] for r in rows}):
-            sel = [r for r in rows if (r["method"], r["pass"], r["n"]) == ("effattn", passname, n)]
-            xs = [r["density_vs_causal"] for r in sel]
-            pts.append((f"effattn n={n}", xs, [speed(r) for r in sel]))
-        _speedup_panel(ax, pts, passname)
+        series: dict[str, list[tuple]] = {}
+        for r in rows:
+            if (r["method"], r["pass"]) == ("effattn", passname):
+                point = (r["density_vs_causal"], speed(r), f"n={r['n']}")
+                series.setdefault(_label(r), []).append(point)
+        _speedup_panel(ax, list(series.items()), passname)
     figs.append((fig, "speedup"))
     return figs
 
 
 def _plot_xl(doc: dict, plt) -> list[tuple]:
     """Kernel time and memory vs L = M; the evaluation speed-up beside the paper's."""
+    from matplotlib.ticker import NullLocator
+
     figs = []
     kernel = [
         dict(r, n=r["L"], **{"pass": r["mode"]}) for r in doc["rows"] if r["table"] == "kernel"
     ]
     if kernel:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-        _time_panels(axes[:2], kernel, lambda r: r["impl"], "median_s", "seconds (median, min-max)")
-        for impl in ("original", "effattn"):
+        _time_panels(axes[:2], kernel, lambda r: r["impl"], "seconds (median, min-max)", "L = M")
+        for impl, color in (("original", "C0"), ("effattn", "C1")):
             for mode, style in (("fwd", "--"), ("fwd+bwd", "-")):
                 sel = [r for r in kernel if (r["impl"], r["pass"]) == (impl, mode)]
                 sel = sorted(
                     (r for r in sel if r["extra_peak_mib"] is not None), key=lambda r: r["n"]
                 )
                 xs, ys = [r["n"] for r in sel], [r["extra_peak_mib"] for r in sel]
-                axes[2].plot(xs, ys, style, marker="o", ms=3, label=f"{impl} {mode}")
+                axes[2].plot(xs, ys, style, color=color, marker="o", ms=3, label=f"{impl} {mode}")
         axes[2].set(xscale="log", yscale="log", ylabel="extra peak MiB", title="memory")
+        axes[2].xaxis.set_minor_locator(NullLocator())
+        axes[2].set_xticks(axes[0].get_xticks(), [t.get_text() for t in axes[0].get_xticklabels()])
         axes[2].grid(True, which="both", alpha=0.3)
         axes[2].legend(fontsize=7)
-        for ax in axes:
-            ax.set_xlabel("L = M")
+        axes[2].set_xlabel("L = M")
         figs.append((fig, "kernel"))
     evals = [r for r in doc["rows"] if r["table"] == "eval"]
     if evals:
@@ -272,8 +296,11 @@ def _plot_table2(doc: dict, plt) -> list[tuple]:
         "strided": patterns.strided(128).density(12288) / causal,
     }
     pts = [
-        ("effattn", [r["density_vs_causal"] for r in rows], [1 / v for v in ours]),
-        ("paper", [paper_density[n] for n in names], [1 / v for v in paper]),
+        (
+            f"effattn, context {doc['context']}",
+            [(r["density_vs_causal"], 1 / v, n) for r, v, n in zip(rows, ours, names)],
+        ),
+        ("paper, context 12288", [(paper_density[n], 1 / v, n) for n, v in zip(names, paper)]),
     ]
     _speedup_panel(axes[1], pts, "whole training iteration", target=False)
     axes[1].set_ylabel("speed-up over dense")
@@ -361,6 +388,8 @@ def render_section(docs: list[dict], plots: dict[int, list[Path]], base: Path) -
             ]
         for doc in fdocs:
             lines += ["", f"Device: {_describe(doc, base)}", "", render_doc(doc)]
+            if doc.get("targets"):  # cpu_attention: the issue's targets, as measured
+                lines += [""] + [f"    {t.strip()}" for t in doc["targets"]["lines"]]
             for path in plots.get(id(doc), []):
                 rel = path.relative_to(base).as_posix()
                 lines += ["", f"![{path.stem}]({rel})"]

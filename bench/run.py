@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     for i, (name, device) in enumerate(todo, 1):
         family = FAMILIES[name][0]
         total(f"({i}/{len(todo)}) {family} on {device}{' --quick' if args.quick else ''}")
-        doc = run_family(name, device, args.quick, common.Progress(f"{name}/{device}"))
+        doc = run_family(name, device, args.quick, common.Progress(f"{family}/{device}"))
         path = common.write_json(doc, common.result_path(family, device, args.quick))
         written.append(path)
         print(f"\n{report.TITLES[family][0]} ({doc['machine']['name']})\n")
@@ -132,7 +132,9 @@ def main(argv=None) -> int:
             written += report.plot_doc(doc, path.with_suffix(""))
         total(f"{family} on {device} done")
     for path in written:
-        print(f"wrote {path.relative_to(common.ROOT)}")
+        print(
+            f"wrote {path.relative_to(common.ROOT) if path.is_relative_to(common.ROOT) else path}"
+        )
     return 0
 
 
