@@ -76,7 +76,8 @@ def select_latest(docs: list[dict]) -> list[dict]:
 
 # --------------------------------------------------------------------------- tables
 def sparse_table(doc: dict) -> str:
-    """Markdown table of bench/sparse_attention.py's rows (GPU): effattn against baselines."""
+    """Markdown table of bench/sparse_attention.py's rows (GPU): effattn (Triton; the CUDA C++
+    kernels when built) against SDPA causal, FlexAttention and the masked reference."""
     rows = doc["rows"]
 
     def find(method, r):
@@ -96,7 +97,7 @@ def sparse_table(doc: dict) -> str:
             if x["method"] == "sdpa_causal"
             and (x["d"], x["n"], x["pass"]) == (r["d"], r["n"], r["pass"])
         )
-        flex, ref = find("flex", r), find("reference", r)
+        flex, ref, cuda = find("flex", r), find("reference", r), find("effattn_cuda", r)
         out.append(
             [
                 r["d"],
@@ -108,13 +109,15 @@ def sparse_table(doc: dict) -> str:
                 f"{r['ms']:.3f}",
                 f"{r['tflops']:.1f}",
                 f"{base['ms'] / r['ms']:.2f}x",
+                f"{cuda['ms']:.3f}" if cuda else "-",
                 f"{flex['ms']:.3f}" if flex else "-",
                 f"{ref['ms']:.3f}" if ref else "-",
                 f"{r['peak_mib']:.0f}",
             ]
         )
     headers = ["D", "n", "pattern", "density", "pass", "SDPA causal ms", "effattn ms"]
-    headers += ["TFLOP/s (useful)", "speed-up", "FlexAttention ms", "reference ms", "peak MiB"]
+    headers += ["TFLOP/s (useful)", "speed-up", "CUDA C++ ms", "FlexAttention ms", "reference ms"]
+    headers += ["peak MiB"]
     return common.markdown_table(headers, out)
 
 
@@ -225,7 +228,7 @@ def _plot_sparse_like(doc: dict, plt) -> list[tuple]:
     for ax, passname in zip(axes, ("fwd", "fwd+bwd")):
         series: dict[str, list[tuple]] = {}
         for r in rows:
-            if (r["method"], r["pass"]) == ("effattn", passname):
+            if r["method"] in ("effattn", "effattn_cuda") and r["pass"] == passname:
                 point = (r["density_vs_causal"], speed(r), f"n={r['n']}")
                 series.setdefault(_label(r), []).append(point)
         _speedup_panel(ax, list(series.items()), passname)

@@ -105,7 +105,8 @@ def fake_sparse_doc():
             base = dict(method="sdpa_causal", pattern="causal()", d=64, n=n, ms=1.0, tflops=100.0,
                         peak_mib=10.0, **{"pass": ps})  # fmt: skip
             rows.append(base)
-            for method, ms in (("effattn", 0.3), ("flex", 0.5), ("reference", 4.0)):
+            for method, ms in (("effattn", 0.3), ("effattn_cuda", 0.35), ("flex", 0.5),
+                               ("reference", 4.0)):  # fmt: skip
                 rows.append(dict(base, method=method, pattern="strided(128)", ms=ms,
                                  density_vs_causal=0.07))  # fmt: skip
     info = {"name": "Fake GPU", "load_average": None}
@@ -127,7 +128,7 @@ def test_report_renders_section(docs, tmp_path):
     common.write_json(fake_sparse_doc(), tmp_path / "sparse_attention_fake_gpu_quick.json")
     section = report.render(tmp_path, tmp_path)
     assert "GPU figures: Fake GPU." in section and report.NO_GPU not in section
-    assert "| 64 | 4096 | `strided(128)` |" in section
+    assert "| 64 | 4096 | `strided(128)` | 0.070 | fwd+bwd | 1.000 | 0.300 |" in section
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## Benchmarks\n\n{report.START}\nold\n{report.END}\n\n## After\n")
