@@ -141,6 +141,8 @@ def _time_panels(axes, rows, label, unit, xlabel="sequence length n"):
     from matplotlib.ticker import NullLocator
 
     ns = sorted({r["n"] for r in rows})
+    # One colour per label in both panels (the forward-only FlexAttention would shift them).
+    colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(map(label, rows)))}
     for ax, passname in zip(axes, ("fwd", "fwd+bwd")):
         series: dict[str, list[dict]] = {}
         for r in sorted((r for r in rows if r["pass"] == passname), key=lambda r: r["n"]):
@@ -153,7 +155,10 @@ def _time_panels(axes, rows, label, unit, xlabel="sequence length n"):
             ]
             style = "--" if name.startswith("sdpa_causal") else "-"
             xs = [r["n"] for r in sel]
-            ax.errorbar(xs, ys, yerr=err, fmt=style, marker="o", ms=3, capsize=2, label=name)
+            ax.errorbar(
+                xs, ys, yerr=err, fmt=style, color=colors[name], marker="o", ms=3, capsize=2,
+                label=name,
+            )  # fmt: skip
         ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=unit, title=passname)
         ax.xaxis.set_minor_locator(NullLocator())  # only the measured n as ticks
         ax.set_xticks(ns, [str(n) for n in ns])
