@@ -247,6 +247,11 @@ XL_CASES = {
     "window-1": (1, 2, 2, 20, 10, 16, 40, 1),
     "decode-L1": (2, 2, 2, 1, 90, 16, 30, None),
     "no-memory": (1, 2, 2, 45, 0, 32, 64, None),
+    # Few query rows (decoding, short segments) with long memory: the row kernel, keys split
+    # over several tasks and the splits merged.
+    "rows-splits-gqa": (2, 4, 2, 4, 1500, 40, 700, None),
+    "rows-splits-window": (1, 2, 1, 8, 1300, 64, 300, 600),
+    "rows-decode-clamp": (3, 2, 2, 1, 1100, 80, 50, None),
 }
 
 
@@ -287,7 +292,13 @@ def test_same_result_with_1_and_2_threads(small_blocks):
     kpm = _padding(2, 200)
     sparse_in = [x.float() for x in _qkv(2, 2, 1, 200, 200, 24)]
     xl_in = [x.float() for x in _xl_inputs(1, 2, 1, 70, 90, 24, 50)]
-    for fn, inputs in ((_sparse(pattern, kpm, "cpu"), sparse_in), (_xl(40, "cpu"), xl_in)):
+    xl_rows_in = [x.float() for x in _xl_inputs(2, 2, 1, 3, 1400, 24, 500)]
+    cases = (
+        (_sparse(pattern, kpm, "cpu"), sparse_in),
+        (_xl(40, "cpu"), xl_in),
+        (_xl(None, "cpu"), xl_rows_in),
+    )
+    for fn, inputs in cases:
         one = _with_threads(1, lambda fn=fn, inputs=inputs: _run(fn, inputs))
         two = _with_threads(2, lambda fn=fn, inputs=inputs: _run(fn, inputs))
         for a, b in zip(one, two, strict=True):
@@ -308,8 +319,11 @@ def test_every_instruction_set(isa, monkeypatch, small_blocks):
     ref = _run(_sparse(pattern, kpm, "reference"), inputs)
     for a, r in zip(got, ref, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-11)
+    xl_grads = "dq dk dv dr du dvb".split()
     xl_inputs = list(_xl_inputs(1, 2, 1, 30, 20, 40, 25, seed=8))
-    _compare_fp32(_xl(None, "cpu"), _xl(None, "reference"), xl_inputs, "dq dk dv dr du dvb".split())
+    _compare_fp32(_xl(None, "cpu"), _xl(None, "reference"), xl_inputs, xl_grads)
+    xl_rows_inputs = list(_xl_inputs(1, 2, 1, 2, 700, 40, 300, seed=8))  # the row kernel
+    _compare_fp32(_xl(None, "cpu"), _xl(None, "reference"), xl_rows_inputs, xl_grads)
 
 
 # --------------------------------------------------------------------------- errors

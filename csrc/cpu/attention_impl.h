@@ -841,8 +841,370 @@ void xl_clamped(const XlArgs& a, i64 h, const T* qv, i64 ld, i64 BM, T* bdc) {
   }
 }
 
+// ------------------------------------------------------------------------------- XL rows
+// Few query rows per head: decoding (L = 1) and short segments, where a 64 x 64 tile would
+// compute 64 rows for one. A task takes one kv head, a split of the keys and a block of the
+// batch. It first computes, per query row, the position terms E[y] = (q + vb) . r[dist] of every
+// distance the split spans (r rows are shared by the batch: each is read once per task, not
+// once per batch entry), then per row the scores (q + u) . k_j + E[y(j)], their softmax and
+// sum_j p_j v_j, reading K and V in place: one pass over each, the cost of a decoding step.
+// Per (row, split) the partial softmax (max, sum, unnormalized output) is merged in split order
+// afterwards. Splits and batch blocks depend only on the problem, so results are bitwise
+// identical for any thread count.
+constexpr i64 kXlRowsMax = 8;        // query rows per head up to which rows beat tiles
+constexpr i64 kXlSplitMin = 256;     // keys per split: at least (merge and E-table overhead) ..
+constexpr i64 kXlSplitMax = 1024;    // .. at most (scores buffer and E table stay in cache)
+constexpr i64 kXlTasks = 32;         // splits are added (down to kXlSplitMin) up to this many tasks
+constexpr i64 kXlTaskRows = 128;     // query rows per task (batch block x group x L), at most
+constexpr i64 kXlPrefetch = 16;      // K rows prefetched ahead of the scores
+
+// Whether xl_forward_impl runs the row kernel: few rows, and K, V, r rows contiguous in D (the
+// dot products load them in place).
+inline bool xl_rows_path(const XlArgs& a) {
+  return a.L <= kXlRowsMax && a.sk[3] == 1 && a.sv[3] == 1 && a.sr[2] == 1;
+}
+
+// Dot products of one vector with many rows end in horizontal sums. Folding W accumulators
+// (W rows) pairwise, each step adding the lower and upper halves of every group of lanes,
+// leaves one vector of the W sums in row order: W - 1 shuffle-and-add steps for W rows
+// instead of log2(W) per row. Lanes are picked by index lists, which compilers turn into lane
+// permutes (a memcpy of half vectors would go through the stack).
+template <int W, int C>
+struct FoldLanes {
+  // Output lane o: group o / (C / 2), the first W / C groups from x, the others from y, and
+  // lane o % (C / 2) in it; its inputs are lanes lane(o) and lane(o) + C / 2 of that vector.
+  static constexpr bool from_x(int o) { return o / (C / 2) < W / C; }
+  static constexpr int lane(int o) { return (o / (C / 2)) % (W / C) * C + o % (C / 2); }
+};
+template <class T, int C, std::size_t... O>
+EFFATTN_VINLINE Vec<T> fold_pair(Vec<T> x, Vec<T> y, std::index_sequence<O...>) {
+  typedef FoldLanes<VT<T>::W, C> F;
+  const Vec<T> lo = {(F::from_x(O) ? x[F::lane(O)] : y[F::lane(O)])...};
+  const Vec<T> hi = {(F::from_x(O) ? x[F::lane(O) + C / 2] : y[F::lane(O) + C / 2])...};
+  return lo + hi;
+}
+// v[0 .. N) with C lanes per row -> v[0] holds the N * C / W ... sums; call with C = N = W.
+template <class T, int C, int N>
+EFFATTN_VINLINE void fold_rows(Vec<T>* v) {
+  if constexpr (C > 1) {
+#pragma GCC unroll 32
+    for (int k = 0; k < N / 2; ++k)
+      v[k] = fold_pair<T, C>(v[2 * k], v[2 * k + 1], std::make_index_sequence<VT<T>::W>{});
+    fold_rows<T, C / 2, N / 2>(v);
+  }
+}
+
+// out[j] = x . y_j for W rows y_j = y0 + j * ystep, NV vectors of D from d0 (x padded to whole
+// vectors). Row by row, so that memory is read in address order (the hardware prefetchers
+// follow it; interleaving the rows' loads measured 2x slower from DRAM); the W rows' sums are
+// independent, which hides the FMA latency.
+template <class T, int NV>
+EFFATTN_VINLINE void dots_w_part(const T* x, const T* y0, i64 ystep, Vec<T>* acc) {
+  constexpr int W = VT<T>::W;
+  Vec<T> xv[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) xv[v] = vld(x + v * W);
+#pragma GCC unroll 32
+  for (int c = 0; c < W; ++c) {
+    const T* y = y0 + c * ystep;
+    Vec<T> s = acc[c] + xv[0] * vld(y);
+#pragma GCC unroll 8
+    for (int v = 1; v < NV; ++v) s += xv[v] * vld(y + v * W);
+    acc[c] = s;
+  }
+}
+
+template <class T>
+EFFATTN_VINLINE void dots_w(const T* x, const T* y0, i64 ystep, i64 Dv, i64 D, T* out) {
+  constexpr int W = VT<T>::W;
+  Vec<T> acc[W];
+#pragma GCC unroll 32
+  for (int c = 0; c < W; ++c) acc[c] = Vec<T>{};
+  for (i64 d0 = 0; d0 < Dv; d0 += 4 * W) {
+    switch ((Dv - d0) / W) {
+      case 1:
+        dots_w_part<T, 1>(x + d0, y0 + d0, ystep, acc);
+        break;
+      case 2:
+        dots_w_part<T, 2>(x + d0, y0 + d0, ystep, acc);
+        break;
+      case 3:
+        dots_w_part<T, 3>(x + d0, y0 + d0, ystep, acc);
+        break;
+      default:
+        dots_w_part<T, 4>(x + d0, y0 + d0, ystep, acc);
+    }
+  }
+  fold_rows<T, W, W>(acc);
+  vst(out, acc[0]);
+  if (Dv < D)
+    for (int c = 0; c < W; ++c)
+      for (i64 d = Dv; d < D; ++d) out[c] += x[d] * y0[c * ystep + d];
+}
+
+// out[j] = x . y_j for n rows y_j = y0 + j * ystep.
+template <class T>
+void dots_range(const T* x, const T* y0, i64 ystep, i64 n, i64 Dv, i64 D, T* out) {
+  constexpr int W = VT<T>::W;
+  i64 j = 0;
+  for (; j + W <= n; j += W) {
+    // The rows kXlPrefetch ahead: the hardware prefetchers alone left the K pass at about half
+    // the bandwidth of a plain read of the same rows (16 rows, 4 KiB for D = 64 in fp32,
+    // measured best among 8, 16 and 24; prefetching V in its pass did not help).
+    for (int c = 0; c < W; ++c)
+      for (i64 d = 0; d < D; d += 64 / sizeof(T))
+        __builtin_prefetch(y0 + (j + kXlPrefetch + c) * ystep + d);
+    dots_w<T>(x, y0 + j * ystep, ystep, Dv, D, out + j);
+  }
+  for (; j < n; ++j) {
+    const T* y = y0 + j * ystep;
+    Vec<T> acc = Vec<T>{};
+    for (i64 d = 0; d < Dv; d += W) acc += vld(x + d) * vld(y + d);
+    T s = hsum<T>(acc);
+    for (i64 d = Dv; d < D; ++d) s += x[d] * y[d];
+    out[j] = s;
+  }
+}
+
+// acc [NV vectors] = sum_j p_j v_j over n rows of V (vstep apart), two keys at a time into
+// separate accumulators (FMA latency).
+template <class T, int NV>
+void pv_vecs(const T* p, const T* v0, i64 vstep, i64 n, T* acc) {
+  constexpr int W = VT<T>::W;
+  Vec<T> a0[NV], a1[NV];
+#pragma GCC unroll 8
+  for (int c = 0; c < NV; ++c) a0[c] = a1[c] = Vec<T>{};
+  i64 j = 0;
+  for (; j + 2 <= n; j += 2) {
+    const T* x = v0 + j * vstep;
+    const Vec<T> p0 = vset<T>(p[j]), p1 = vset<T>(p[j + 1]);
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) {
+      a0[c] += p0 * vld(x + c * W);
+      a1[c] += p1 * vld(x + vstep + c * W);
+    }
+  }
+  if (j < n) {
+    const Vec<T> p0 = vset<T>(p[j]);
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) a0[c] += p0 * vld(v0 + j * vstep + c * W);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NV; ++c) vst(acc + c * W, a0[c] + a1[c]);
+}
+
+// acc [D] = sum_j p_j v_j: four vectors of D per pass over V (they stay in registers), the
+// last D % W elements by scalars.
+template <class T>
+void pv_rows(const T* p, const T* v0, i64 vstep, i64 n, i64 Dv, i64 D, T* acc) {
+  constexpr int W = VT<T>::W;
+  for (i64 d0 = 0; d0 < Dv; d0 += 4 * W) {
+    switch ((Dv - d0) / W) {
+      case 1:
+        pv_vecs<T, 1>(p, v0 + d0, vstep, n, acc + d0);
+        break;
+      case 2:
+        pv_vecs<T, 2>(p, v0 + d0, vstep, n, acc + d0);
+        break;
+      case 3:
+        pv_vecs<T, 3>(p, v0 + d0, vstep, n, acc + d0);
+        break;
+      default:
+        pv_vecs<T, 4>(p, v0 + d0, vstep, n, acc + d0);
+    }
+  }
+  for (i64 d = Dv; d < D; ++d) {
+    T s = T(0);
+    for (i64 j = 0; j < n; ++j) s += p[j] * v0[j * vstep + d];
+    acc[d] = s;
+  }
+}
+
+// In place: s[0, n) (base-2 scores) -> 2^(s - max); returns the max, sets sum.
+template <class T>
+T softmax_row(T* s, i64 n, T& sum) {
+  constexpr int W = VT<T>::W;
+  const i64 nv = n / W * W;
+  Vec<T> mx = vset<T>(neg_inf<T>());
+  for (i64 x = 0; x < nv; x += W) mx = vmax<T>(mx, vld(s + x));
+  T m = hmax<T>(mx);
+  for (i64 x = nv; x < n; ++x) m = s[x] > m ? s[x] : m;
+  const Vec<T> mv = vset<T>(m);
+  Vec<T> acc = Vec<T>{};
+  for (i64 x = 0; x < nv; x += W) {
+    const Vec<T> p = vexp2(vld(s + x) - mv);
+    vst(s + x, p);
+    acc += p;
+  }
+  sum = hsum<T>(acc);
+  for (i64 x = nv; x < n; ++x) {
+    s[x] = sexp2(s[x] - m);
+    sum += s[x];
+  }
+  return m;
+}
+
+template <class T>
+void xl_rows_forward(const XlArgs& a) {
+  constexpr int W = VT<T>::W;
+  const i64 D = a.D, Dp = round_up(D, kPad), Dv = D / W * W, L = a.L, M = a.N - L;
+  const i64 group = a.H / a.Hkv;
+  // Keys some row sees: [j_first, N) (row 0 sees the fewest with a window).
+  const i64 j_first = a.window ? imax(0, M - a.window + 1) : 0, span = a.N - j_first;
+  const i64 bbw = imax(1, imin(a.B, kXlTaskRows / (group * L))), nbb = (a.B + bbw - 1) / bbw;
+  const i64 units = a.Hkv * nbb;
+  i64 S = imax((span + kXlSplitMax - 1) / kXlSplitMax,
+               imin((span + kXlSplitMin - 1) / kXlSplitMin, (kXlTasks + units - 1) / units));
+  const i64 slen = round_up((span + S - 1) / S, kPad);
+  S = (span + slen - 1) / slen;
+  // A task's query rows, (head of the group, batch entry, i), are handled per head, whose E
+  // has a column per row: RW >= bbw * L of them (whole vectors).
+  const i64 rows = bbw * group * L, RW = round_up(bbw * L, W);
+  const i64 Y = round_up(slen + L - 1, W);  // distances a split spans, at most
+  const T c2 = static_cast<T>(a.scale * kLog2e);
+  // Per thread: qu and qv [rows][Dp], per head qv^T [D][RW] and E [Y * RW], scores, an
+  // output row.
+  const i64 per_thread = 2 * rows * Dp + group * (D + Y) * RW + round_up(slen, W) + Dp;
+  Buf<T> scratch(per_thread * a.threads);
+  const i64 part_w = Dp + 2;  // max, sum, output
+  Buf<T> parts(S > 1 ? a.B * a.H * L * S * part_w : 1);
+
+  auto body = [&](i64 task, int thread) {
+    const i64 bb = task % nbb, s = task / nbb % S, hk = task / (nbb * S);
+    const i64 b0 = bb * bbw, nb = imin(bbw, a.B - b0);
+    const i64 ja = j_first + s * slen, jb = imin(a.N, ja + slen);
+    // E[y, c] = (q + vb)_c . r[min(dist, R - 1)] for the distances dist = dtop - y of the
+    // split (dtop: row L - 1 and key ja); query row i meets key j at y = L - 1 - i + j - ja.
+    const i64 dtop = M + L - 1 - ja, ny = jb - ja + L - 1;
+    T* qu = scratch.get() + thread * per_thread;
+    T* qv = qu + rows * Dp;
+    T* qvt = qv + rows * Dp;      // [group][D][RW]
+    T* E = qvt + group * D * RW;  // [group][Y * RW]
+    T* sc = E + group * Y * RW;
+    T* o = sc + round_up(slen, W);
+    for (i64 x = 0; x < group * D * RW; ++x) qvt[x] = T(0);
+    for (i64 gi = 0; gi < group; ++gi) {
+      const i64 h = hk * group + gi;
+      const T* u = static_cast<const T*>(a.u) + h * a.su[0];
+      const T* vb = static_cast<const T*>(a.vb) + h * a.svb[0];
+      for (i64 bl = 0; bl < nb; ++bl) {
+        const T* q = static_cast<const T*>(a.q) + (b0 + bl) * a.sq[0] + h * a.sq[1];
+        for (i64 i = 0; i < L; ++i) {
+          T* qur = qu + ((gi * nb + bl) * L + i) * Dp;
+          T* qvr = qv + ((gi * nb + bl) * L + i) * Dp;
+          T* qvc = qvt + gi * D * RW + bl * L + i;
+          for (i64 d = 0; d < Dp; ++d) {
+            const T x = d < D ? q[i * a.sq[2] + d * a.sq[3]] : T(0);
+            qur[d] = d < D ? x + u[d * a.su[1]] : T(0);
+            qvr[d] = d < D ? x + vb[d * a.svb[1]] : T(0);
+            if (d < D) qvc[d * RW] = qvr[d];
+          }
+        }
+      }
+    }
+    // Per head: r rows of distances >= R - 1 are all r[R - 1] (y <= y_clamp); the others are
+    // read in place backwards from distance dtop - y0. Negative distances (y > dtop) are never
+    // read. With many rows, E^T [y][RW] is an [y, D] x [D, RW] product (r rows as scalars, the
+    // rows' qv as vectors); with few (under half a vector) that would mostly compute padding,
+    // and each row's E [Y] is its dot products with the r rows.
+    const i64 y_clamp = imin(dtop - (a.R - 1), ny - 1), y0 = imax(0, y_clamp + 1);
+    const i64 y_end = imin(ny, dtop + 1), ncols = nb * L;
+    const bool by_rows = 2 * ncols < W;
+    const i64 sy = by_rows ? 1 : RW, scol = by_rows ? Y : 1;  // strides of E
+    for (i64 gi = 0; gi < group; ++gi) {
+      const T* rh = static_cast<const T*>(a.r) + (hk * group + gi) * a.sr[0];
+      const T* rl = rh + (a.R - 1) * a.sr[1];  // the clamped row
+      const T* r0 = rh + (dtop - y0) * a.sr[1];
+      T* eg = E + gi * Y * RW;
+      if (by_rows) {
+        for (i64 c = 0; c < ncols; ++c) {
+          const T* x = qv + (gi * nb * L + c) * Dp;
+          T* e = eg + c * Y;
+          if (y_clamp >= 0) {
+            dots_range<T>(x, rl, 0, 1, Dv, D, e);
+            for (i64 y = 1; y <= y_clamp; ++y) e[y] = e[0];
+          }
+          dots_range<T>(x, r0, -a.sr[1], imax(0, y_end - y0), Dv, D, e + y0);
+        }
+        continue;
+      }
+      const T* qg = qvt + gi * D * RW;
+      for (i64 cv = 0; cv < ncols; cv += W) {
+        if (y_clamp >= 0) {
+          tile_abt<T, 1, 1>(rl, 0, qg + cv, RW, D, eg + cv, RW);
+          for (i64 y = 1; y <= y_clamp; ++y) vst(eg + y * RW + cv, vld(eg + cv));
+        }
+        i64 y = y0;
+        for (; y + kRowsAbt <= y_end; y += kRowsAbt)
+          tile_abt<T, kRowsAbt, 1>(r0 - (y - y0) * a.sr[1], -a.sr[1], qg + cv, RW, D,
+                                   eg + y * RW + cv, RW);
+        for (; y < y_end; ++y)
+          tile_abt<T, 1, 1>(r0 - (y - y0) * a.sr[1], 0, qg + cv, RW, D, eg + y * RW + cv, RW);
+      }
+    }
+    for (i64 bl = 0; bl < nb; ++bl) {
+      const i64 b = b0 + bl;
+      const T* kb = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
+      const T* vb = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
+      for (i64 gi = 0; gi < group; ++gi)
+        for (i64 i = 0; i < L; ++i) {
+          const i64 row = (gi * nb + bl) * L + i, bhi = (b * a.H + hk * group + gi) * L + i;
+          // Visible keys of the row within the split: distance M + i - j in [0, window).
+          const i64 lo = imax(ja, a.window ? M + i - a.window + 1 : 0), hi = imin(jb, M + i + 1);
+          T m = neg_inf<T>(), l = T(0);
+          for (i64 d = 0; d < D; ++d) o[d] = T(0);
+          if (lo < hi) {
+            const i64 n = hi - lo;
+            dots_range<T>(qu + row * Dp, kb + lo * a.sk[2], a.sk[2], n, Dv, D, sc);
+            const T* e = E + gi * Y * RW + (L - 1 - i + lo - ja) * sy + (bl * L + i) * scol;
+            for (i64 x = 0; x < n; ++x) sc[x] = (sc[x] + e[x * sy]) * c2;
+            m = softmax_row<T>(sc, n, l);
+            pv_rows<T>(sc, vb + lo * a.sv[2], a.sv[2], n, Dv, D, o);
+          }
+          if (S == 1) {
+            finalize_rows<T>(1, D, Dp, o, &m, &l, static_cast<T*>(a.out) + bhi * D,
+                             static_cast<T*>(a.lse) + bhi);
+          } else {
+            T* p = parts.get() + (bhi * S + s) * part_w;
+            p[0] = m;
+            p[1] = l;
+            for (i64 d = 0; d < D; ++d) p[2 + d] = o[d];
+          }
+        }
+    }
+  };
+  run_parallel(a.Hkv * S * nbb, a.threads, body);
+  if (S == 1) return;
+
+  // Per (batch, head): merge each query row's splits in split order.
+  auto merge = [&](i64 bh, int thread) {
+    T* o = scratch.get() + thread * per_thread;
+    for (i64 i = 0; i < L; ++i) {
+      const i64 bhi = bh * L + i;
+      const T* p0 = parts.get() + bhi * S * part_w;
+      T m = neg_inf<T>(), l = T(0);
+      for (i64 s = 0; s < S; ++s) m = p0[s * part_w] > m ? p0[s * part_w] : m;
+      for (i64 d = 0; d < D; ++d) o[d] = T(0);
+      for (i64 s = 0; s < S; ++s) {
+        const T* p = p0 + s * part_w;
+        if (p[1] == T(0)) continue;  // no visible key of this row in the split
+        const T w = sexp2(p[0] - m);
+        l += p[1] * w;
+        for (i64 d = 0; d < D; ++d) o[d] += p[2 + d] * w;
+      }
+      finalize_rows<T>(1, D, Dp, o, &m, &l, static_cast<T*>(a.out) + bhi * D,
+                       static_cast<T*>(a.lse) + bhi);
+    }
+  };
+  run_parallel(a.B * a.H, a.threads, merge);
+}
+
 template <class T>
 void xl_forward_impl(const XlArgs& a) {
+  if (xl_rows_path(a)) {
+    xl_rows_forward<T>(a);
+    return;
+  }
   const XlGeom g(a);
   const i64 BM = g.BM, BN = g.BN, D = a.D, Dp = g.Dp, pairs = a.B * a.Hkv;
   const i64 group = a.H / a.Hkv;

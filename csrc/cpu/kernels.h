@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>  // std::index_sequence (attention_impl.h): types only
 
 namespace effattn {
 namespace cpu {
