@@ -359,6 +359,35 @@ def _describe(doc: dict, base: Path) -> str:
     )
 
 
+def _setup(doc: dict) -> str:
+    """One sentence on what was measured, from the document's own configuration."""
+    family, a = doc["family"], doc["args"]
+    if family == "cpu_attention":
+        c = doc["config"]
+        return (
+            f'B={c["B"]}, H={c["H"]}, D={c["D"]}, {c["dtype"]}, effattn `backend="cpu"` '
+            f"({c['effattn_isa']}); {a['repeats']} timed runs per case (at most 3 over 10 s); "
+            "speed-up = SDPA causal time / effattn time, in wall and in process CPU time; "
+            "extra MiB = growth of the resident set over the call."
+        )
+    if family == "xl_attention":
+        k, e = doc["setup"]["kernel"], doc["setup"]["eval"]
+        return (
+            f"Kernel: B={k['B']}, H={k['H']}, D={k['D']}, {k['dtype']}, effattn backend "
+            f"`{doc['backend']}` vs the original formulation (materialized AC + BD, rel_shift), "
+            f"{a['repeats']} timed runs. Evaluation: a {e['n_layer']}-layer, d_model {e['d_model']} "
+            f"XL LM, {e['batch']} streams at once, median ms per token over "
+            f"{a['cached_tokens']} cached and {a['vanilla_tokens']} vanilla tokens."
+        )
+    if family == "paper_table2":
+        return (
+            f"{a['layers']} pre-norm layers, d_model {a['d_model']}, {a['heads']} heads, batch "
+            f"{a['batch']}, context {doc['context']}; forward, backward and Adam step; "
+            f"{a['iters']} timed iterations after one warm-up."
+        )
+    return f"Arguments: `{' '.join(a.get('argv', [])) or '(defaults)'}`."
+
+
 def render_section(docs: list[dict], plots: dict[int, list[Path]], base: Path) -> str:
     """The Markdown between the markers, for the selected documents and their plots."""
     gpu = [d for d in docs if d["device"] == "cuda"]
@@ -395,7 +424,7 @@ def render_section(docs: list[dict], plots: dict[int, list[Path]], base: Path) -
                 "strided 0.35 time per iteration, i.e. ratios to dense 1.00, 0.42, 0.27.",
             ]
         for doc in fdocs:
-            lines += ["", f"Device: {_describe(doc, base)}", "", render_doc(doc)]
+            lines += ["", f"Device: {_describe(doc, base)}", "", _setup(doc), "", render_doc(doc)]
             if doc.get("targets"):  # cpu_attention: the issue's targets, as measured
                 lines += [""] + [f"    {t.strip()}" for t in doc["targets"]["lines"]]
             for path in plots.get(id(doc), []):
