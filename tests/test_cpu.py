@@ -252,6 +252,11 @@ XL_CASES = {
     "rows-splits-gqa": (2, 4, 2, 4, 1500, 40, 700, None),
     "rows-splits-window": (1, 2, 1, 8, 1300, 64, 300, 600),
     "rows-decode-clamp": (3, 2, 2, 1, 1100, 80, 50, None),
+    # Short segments over a long memory (Transformer-XL evaluation): tiles whose position terms
+    # come from several per-query-block chunks, clamped tiles before them; V read in place
+    # (D = 64) but for the partial last key block.
+    "segment-window-clamp-gqa": (1, 4, 2, 100, 1100, 41, 500, 900),
+    "segment-memory-d64": (2, 2, 2, 70, 1000, 64, 1070, None),
 }
 
 
@@ -264,6 +269,15 @@ def test_xl_vs_reference(case):
         list(_xl_inputs(b, h, h_kv, n_q, mem, d, r_len)),
         ("dq", "dk", "dv", "dr", "du", "dvb"),
     )
+
+
+def test_xl_segment_fp64():
+    """fp64 through the tiled path with a long memory: the reference to rounding."""
+    inputs = list(_xl_inputs(1, 4, 2, 100, 1100, 41, 500, seed=3))
+    got = _run(_xl(900, "cpu"), inputs)
+    ref = _run(_xl(900, "reference"), inputs)
+    for a, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-11)
 
 
 def test_xl_gradcheck():

@@ -14,8 +14,11 @@
 // block is packed per task, and the softmax runs down columns as plain vector operations. The
 // sparse backward (tasks own key blocks) computes row tiles S = Q . Kt [queries][keys] with Kt and
 // Vt packed once per key block, Q and dO read in place. Sparse tiles skip the sub-tiles the
-// pattern masks entirely (simd.h, "masked tiles"). Transformer-XL keeps row tiles with K, V and r
-// packed once per call (its relative-position band needs them).
+// pattern masks entirely (simd.h, "masked tiles"). Transformer-XL keeps row tiles (its
+// relative-position terms are read skewed along rows) with r packed once per call; its forward
+// transposes each K tile as it uses it and reads V in place (a copy of K and V for every key
+// block, made up front, cost more than the tiles for short segments over a long memory: a pass
+// through memory that the tiles then read again), its backward packs K and V once per call.
 //
 // Parallelism and determinism. Forward: one task per (batch, head, query block), each writing
 // its own rows. Backward: one task per (batch, kv head, segment of key blocks); a task owns the
@@ -857,6 +860,7 @@ constexpr i64 kXlSplitMax = 1024;    // .. at most (scores buffer and E table st
 constexpr i64 kXlTasks = 32;         // splits are added (down to kXlSplitMin) up to this many tasks
 constexpr i64 kXlTaskRows = 128;     // query rows per task (batch block x group x L), at most
 constexpr i64 kXlPrefetch = 16;      // K rows prefetched ahead of the scores
+constexpr i64 kXlEChunk = 8;         // key blocks per position-term GEMM of the tiled forward
 
 // Whether xl_forward_impl runs the row kernel: few rows, and K, V, r rows contiguous in D (the
 // dot products load them in place).
@@ -1206,33 +1210,34 @@ void xl_forward_impl(const XlArgs& a) {
     return;
   }
   const XlGeom g(a);
-  const i64 BM = g.BM, BN = g.BN, D = a.D, Dp = g.Dp, pairs = a.B * a.Hkv;
-  const i64 group = a.H / a.Hkv;
+  const i64 BM = g.BM, BN = g.BN, D = a.D, Dp = g.Dp, group = a.H / a.Hkv;
   const T c2 = static_cast<T>(a.scale * kLog2e);
-  Buf<T> kt(pairs * g.NKP * D), vp(pairs * g.NKP * Dp), rt(a.H * D * g.Ylen);
-  auto pack = [&](i64 task, int) {
-    const i64 kb = task % g.nkb, bk = task / g.nkb, b = bk / a.Hkv, hk = bk % a.Hkv;
-    const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + hk * a.sk[1];
-    const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
-    pack_block(k, a.sk[2], a.sk[3], a.N, D, Dp, BN, kb, true, kt.get() + bk * g.NKP * D);
-    pack_block(v, a.sv[2], a.sv[3], a.N, D, Dp, BN, kb, false, vp.get() + bk * g.NKP * Dp);
-  };
-  run_parallel(pairs * g.nkb, a.threads, pack);
+  Buf<T> rt(a.H * D * g.Ylen);
   pack_r<T>(a, g, rt.get(), nullptr);
 
-  const i64 per_thread = 3 * BM * Dp + BM * BN + BM * g.BW + 3 * BM;
+  // Position terms per query block: E [BM][EW] = qv . r over the distances of up to kXlEChunk
+  // consecutive key blocks, one GEMM whose columns serve every tile of the chunk (a tile reads
+  // row il at an offset, like the band of xl_scores), so each distance is computed once per
+  // row and not twice as in a per-tile band; the BM columns two chunks share are the overhead.
+  const i64 EW = kXlEChunk * BN + BM;
+  const i64 per_thread = 3 * BM * Dp + BM * BN + BM * EW + 3 * BM + D * BN + BN * Dp;
   Buf<T> scratch(per_thread * a.threads);
   auto body = [&](i64 task, int thread) {
+    constexpr int W = VT<T>::W;
     const i64 qb = g.nqb - 1 - task % g.nqb, bh = task / g.nqb, b = bh / a.H, h = bh % a.H;
-    const i64 bk = b * a.Hkv + h / group, i0 = qb * BM, rows = imin(BM, a.L - i0);
+    const i64 i0 = qb * BM, rows = imin(BM, a.L - i0);
     T* qu = scratch.get() + thread * per_thread;
     T* qv = qu + BM * Dp;
     T* S = qv + BM * Dp;
-    T* band = S + BM * BN;
-    T* acc = band + BM * g.BW;
+    T* E = S + BM * BN;
+    T* acc = E + BM * EW;
     T* m = acc + BM * Dp;
     T* l = m + BM;
     T* bdc = l + BM;
+    T* kt = bdc + BM;
+    T* vs = kt + D * BN;
+    const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + (h / group) * a.sk[1];
+    const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + (h / group) * a.sv[1];
     xl_pack_q<T>(a, b, h, i0, BM, Dp, qu, qv);
     xl_clamped<T>(a, h, qv, Dp, BM, bdc);
     for (i64 x = 0; x < BM * Dp; ++x) acc[x] = T(0);
@@ -1242,14 +1247,48 @@ void xl_forward_impl(const XlArgs& a) {
     }
     const i64 j_hi = imin(a.N - 1, g.M + i0 + rows - 1);
     const i64 j_lo = a.window ? imax(0, g.M + i0 - a.window + 1) : 0;
-    for (i64 kb = j_lo / BN; kb <= j_hi / BN; ++kb) {
+    const i64 kb_hi = j_hi / BN;
+    i64 e_kb = -1;  // first key block of the chunk E holds
+    for (i64 kb = j_lo / BN; kb <= kb_hi; ++kb) {
       const i64 j0 = kb * BN;
-      xl_scores<T>(a, g, h, i0, j0, qu, qv, Dp, kt.get() + (bk * g.nkb + kb) * D * BN, rt.get(),
-                   bdc, c2, band, S);
+      pack_t(k + j0 * a.sk[2], a.sk[2], a.sk[3], imin(BN, a.N - j0), D, BN, T(1), kt);
+      gemm_abt<T>(BM, BN, D, qu, Dp, kt, BN, S, BN);
+      // (qu . k + position term) * c2 as in xl_scores, bit for bit: the backward recomputes
+      // these scores against this lse (scaling q instead moves dq past the fp32 tolerance).
+      const i64 top = g.dist_top(i0, j0), dmin = top - (g.BW - 2);
+      if (dmin >= a.R - 1) {
+        for (i64 r = 0; r < BM; ++r) {
+          const Vec<T> cv = vset<T>(bdc[r]);
+          for (i64 j = 0; j < BN; j += W) vst(S + r * BN + j, (vld(S + r * BN + j) + cv) * c2);
+        }
+      } else {
+        if (e_kb < 0 || kb >= e_kb + kXlEChunk) {
+          e_kb = kb;
+          const i64 cols = imin(kXlEChunk, kb_hi - kb + 1) * BN + BM;
+          gemm_abt<T>(BM, cols, D, qv, Dp, rt.get() + h * D * g.Ylen + g.band_start(i0, j0),
+                      g.Ylen, E, EW);
+        }
+        const T* e0 = E + (kb - e_kb) * BN + BM - 1;
+        for (i64 r = 0; r < BM; ++r)
+          for (i64 j = 0; j < BN; j += W)
+            vst(S + r * BN + j, (vld(S + r * BN + j) + vld(e0 + r * (EW - 1) + j)) * c2);
+      }
+      // Visible keys of row il: distance M + i0 + il - j0 - jl in [0, window), key < N.
+      if (!(dmin >= 0 && (a.window == 0 || top < a.window) && j0 + BN <= a.N)) {
+        for (i64 r = 0; r < BM; ++r) {
+          const i64 d0 = g.M + i0 + r - j0;  // distance at jl = 0
+          const i64 hi = imin(imin(BN - 1, d0), a.N - 1 - j0);
+          const i64 lo = a.window ? imax(0, d0 - a.window + 1) : 0;
+          for (i64 jl = 0; jl < BN; ++jl)
+            if (jl < lo || jl > hi) S[r * BN + jl] = neg_inf<T>();
+        }
+      }
       for (i64 r = 0; r < rows; ++r)
         softmax_update<T>(S + r * BN, BN, m[r], l[r], acc + r * Dp, Dp);
       for (i64 x = rows * BN; x < BM * BN; ++x) S[x] = T(0);
-      gemm_ab<T>(BM, Dp, BN, S, BN, 1, vp.get() + (bk * g.NKP + j0) * Dp, Dp, acc, Dp);
+      i64 ldv;
+      const T* vblk = rows_block(v, a.sv[2], a.sv[3], a.N, D, Dp, j0, BN, true, vs, ldv);
+      gemm_ab<T>(BM, Dp, BN, S, BN, 1, vblk, ldv, acc, Dp);
     }
     finalize_rows<T>(rows, D, Dp, acc, m, l, static_cast<T*>(a.out) + (bh * a.L + i0) * D,
                      static_cast<T*>(a.lse) + bh * a.L + i0);
