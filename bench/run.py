@@ -17,7 +17,7 @@ Families and the devices they run on:
 bench/results/<family>_<device>[_quick].json and its plots beside it as PNG.
 ``python bench/report.py`` then puts the latest results into the README.
 
-A full CPU run takes about half an hour on two cores (FlexAttention's compilation, SDPA with
+A full CPU run takes about 15 minutes on two quiet cores (FlexAttention's compilation, SDPA with
 dense masks up to n = 16384, and the vanilla side of the XL evaluation table dominate);
 ``--quick`` takes a few minutes.
 """
