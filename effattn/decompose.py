@@ -60,6 +60,9 @@ class Part:
             x = a * l + b of the keys, padded to m * l rows, to b * m + a, so executors move
             rows with views instead of gathers. Parts without it keep the query rows as they
             are (q_index None).
+        folded: with chunk, the same attention as l independent sequences of m rows (one
+            chunk each, no grouping terms): for executors that can run the chunks as extra
+            heads on strided views when every slot is a real row (n_q == n_k == m * l).
     """
 
     pattern: Pattern
@@ -71,6 +74,7 @@ class Part:
     key_padding: torch.Tensor | None
     layout: BlockLayout
     chunk: int | None = None
+    folded: Part | None = None
 
     def layout_for(self, block_m: int, block_n: int) -> BlockLayout:
         """This part's layout for other block sizes (e.g. the backward kernels'), cached."""
@@ -206,7 +210,9 @@ def _strided_parts(stride, causal, n_q, n_k, block_m, block_n, device):
     cols = _part(
         terms, m * stride, m * stride, 0, q_index, k_index, key_padding, block_m, block_n, device
     )
-    return (band, dataclasses.replace(cols, chunk=stride))
+    one_chunk = [dataclasses.replace(t, gq=0, gk=0) for t in terms]
+    folded = _part(one_chunk, m, m, 0, None, None, None, block_m, block_n, device)
+    return (band, dataclasses.replace(cols, chunk=stride, folded=folded))
 
 
 def _fixed_parts(stride, summary, num_patterns, causal, n_q, n_k, block_m, block_n, device):

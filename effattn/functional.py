@@ -180,6 +180,31 @@ def _gather_part(part: Part, q, k, v, kpm):
     return q, k, v, key_mask
 
 
+def _foldable(part: Part, q, k, v, kpm) -> bool:
+    """Whether the chunk part can run as B * H * l sequences of m rows on views of q, k, v:
+    every slot a real row, no key mask, one kv head per query head, (B, H) foldable."""
+    return (
+        part.folded is not None
+        and kpm is None
+        and q.shape[1] == k.shape[1]
+        and q.shape[2] == k.shape[2] == part.n_q
+        and all(t.is_contiguous() for t in (q, k, v))
+    )
+
+
+def _fold(part: Part, t: torch.Tensor) -> torch.Tensor:
+    """[B, H, m * l, ...] -> [B * H, l, m, ...]: chunk b of the rows a * l + b as a head (a view
+    for contiguous t, so the column part reads q, k, v in place instead of copying them)."""
+    b, h, n = t.shape[:3]
+    return t.reshape(b * h, n // part.chunk, part.chunk, *t.shape[3:]).transpose(1, 2)
+
+
+def _unfold(t: torch.Tensor, b: int, h: int) -> torch.Tensor:
+    """Inverse of :func:`_fold` as a [B, H, m, l, ...] view (row a * l + b at [.., a, b])."""
+    l, m = t.shape[1:3]
+    return t.view(b, h, l, m, *t.shape[3:]).transpose(2, 3)
+
+
 def _part_rows(part: Part, t: torch.Tensor, n_q: int, n_k: int) -> torch.Tensor:
     """A part's per-row result [B, H, part rows, ...] back in original query order."""
     return t if part.chunk is None else _from_chunks(t, part, n_k - n_q, n_q)
@@ -197,8 +222,21 @@ def _run_forward(q, k, v, kpm, pattern: Pattern, scale: float, backend: str):
     kern = _sparse_kernels(backend, q, k, v)
     bm, bn = kern.plan_blocks(q)
     parts = plan(pattern, q.shape[2], k.shape[2], bm, bn, device=q.device)
+    b, h, n_q, d = q.shape
     out = lse = None
     for part in parts:
+        if out is not None and _foldable(part, q, k, v, kpm):
+            qf, kf, vf = (_fold(part, t) for t in (q, k, v))
+            o, part_lse = kern.sparse_forward(qf, kf, vf, part.folded.layout_for, scale=scale)
+            m_rows = part.n_q // part.chunk
+            out5, lse5 = _merge(
+                out.view(b, h, m_rows, part.chunk, d),
+                lse.view(b, h, m_rows, part.chunk),
+                _unfold(o, b, h),
+                _unfold(part_lse, b, h),
+            )
+            out, lse = out5.reshape(b, h, n_q, d), lse5.reshape(b, h, n_q)
+            continue
         qp, kp, vp, km = _gather_part(part, q, k, v, kpm)
         o, part_lse = kern.sparse_forward(qp, kp, vp, part.layout_for, scale=scale, key_mask=km)
         o = _part_rows(part, o, q.shape[2], k.shape[2])
@@ -206,13 +244,18 @@ def _run_forward(q, k, v, kpm, pattern: Pattern, scale: float, backend: str):
         if out is None:
             out, lse = o, part_lse
             continue
-        # Softmaxes over disjoint key sets combine by their log-sum-exp weights.
-        merged = torch.logaddexp(lse, part_lse)
-        safe = torch.where(torch.isfinite(merged), merged, 0)
-        acc = out.to(merged.dtype).mul_(torch.exp(lse - safe).unsqueeze(-1))
-        out = acc.addcmul_(o, torch.exp(part_lse - safe).unsqueeze(-1))
-        lse = merged
+        out, lse = _merge(out, lse, o, part_lse)
     return out.to(q.dtype).contiguous(), lse.contiguous()
+
+
+def _merge(out, lse, o, part_lse):
+    """(out, lse) of the union of two disjoint key sets from each one's; updates out in place
+    when it already has the accumulation dtype."""
+    # Softmaxes over disjoint key sets combine by their log-sum-exp weights.
+    merged = torch.logaddexp(lse, part_lse)
+    safe = torch.where(torch.isfinite(merged), merged, 0)
+    acc = out.to(merged.dtype).mul_(torch.exp(lse - safe).unsqueeze(-1))
+    return acc.addcmul_(o, torch.exp(part_lse - safe).unsqueeze(-1)), merged
 
 
 def _run_backward(dout, dlse, q, k, v, out, lse, kpm, pattern: Pattern, scale: float, backend: str):

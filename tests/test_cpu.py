@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import effattn
-from effattn import _extension, patterns, reference
+from effattn import _extension, functional, patterns, reference
 from effattn.decompose import plan
 
 pytestmark = pytest.mark.skipif(
@@ -139,6 +139,36 @@ def test_sparse_vs_reference(pattern, small_blocks):
         _sparse(pattern, kpm, "cpu"),
         _sparse(pattern, kpm, "reference"),
         list(_qkv(b, h, h_kv, n_q, n_k, d)),
+        ("dq", "dk", "dv"),
+    )
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_strided_chunks_as_heads(causal, small_blocks, monkeypatch):
+    """n_q == n_k a multiple of the stride, no key mask, no GQA: the column part runs its
+    chunks as extra heads on views of q, k, v (functional._fold), m = 20 rows per chunk (not a
+    multiple of the block); output, lse and gradients (the backward takes the copying path)
+    against the reference in fp64 and fp32."""
+    pattern = patterns.strided(16, causal=causal)
+    n = 16 * 20
+    assert len(plan(pattern, n, n, 16, 16)) > 1, "the test should run a decomposed plan"
+    folds = []
+
+    def counting_fold(part, t, fold=functional._fold):
+        folds.append(part.chunk)
+        return fold(part, t)
+
+    monkeypatch.setattr(functional, "_fold", counting_fold)
+    inputs = list(_qkv(2, 3, 3, n, n, 24))
+    got = _run(_sparse(pattern, None, "cpu"), inputs)
+    ref = _run(_sparse(pattern, None, "reference"), inputs)
+    assert folds == [16, 16, 16]
+    for a, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-11)
+    _compare_fp32(
+        _sparse(pattern, None, "cpu"),
+        _sparse(pattern, None, "reference"),
+        inputs,
         ("dq", "dk", "dv"),
     )
 

@@ -204,6 +204,16 @@ def test_decomposed_plans(blocks, pattern, n_q, n_k, kpm_rate):
     check_against_reference(pattern, 1, h, h // 2, n_q, n_k, 24, torch.float32, kpm_rate)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "non-causal"])
+def test_strided_chunks_as_heads(blocks, causal):
+    """n_q == n_k a multiple of the stride, no key mask, no GQA: the column part runs as extra
+    heads on strided views of q, k, v (effattn.functional._fold), m = 20 rows per chunk."""
+    blocks((16, 16))
+    pattern = P.strided(8, causal=causal)
+    assert len(plan(pattern, 160, 160, 16, 16)) > 1, "the plan must decompose for this test"
+    check_against_reference(pattern, 2, 2, 2, 160, 160, 24, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize(
     "pattern, n_q, n_k",
