@@ -60,16 +60,22 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # each in the interpreter, so the per-block bodies below inline their small steps.
 @triton.jit
 def _pattern_allowed(
+    tile_ptrs,
     Terms,
     c,
     p,
     j,
+    USE_TILES: tl.constexpr,
     NUM_TERMS: tl.constexpr,
     USE_MOD: tl.constexpr,
     USE_GROUP: tl.constexpr,
     USE_COLS: tl.constexpr,
 ):
-    """OR of class c's terms at absolute query positions p and keys j (broadcastable int32)."""
+    """Which entries of a partial block the pattern allows: the stored tile (custom patterns)
+    or the OR of class c's terms at absolute query positions p and keys j (broadcastable
+    int32)."""
+    if USE_TILES:
+        return tl.load(tile_ptrs) != 0
     d = p - j
     ok = d != d
     for t in tl.static_range(NUM_TERMS):
@@ -153,14 +159,10 @@ def _fwd_block(
         col_ok = col_ok & (tl.load(key_mask_base + cols * stride_mn, mask=col_ok, other=1) == 0)
     vis = col_ok[None, :]
     if PARTIAL:
-        if USE_TILES:
-            vis = vis & (tl.load(tile_ptrs) != 0)
-        else:
-            p_pos = (offs_m + q_offset)[:, None]
-            allowed = _pattern_allowed(
-                Terms, c, p_pos, cols[None, :], NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS
-            )
-            vis = vis & allowed
+        vis = vis & _pattern_allowed(
+            tile_ptrs, Terms, c, (offs_m + q_offset)[:, None], cols[None, :],
+            USE_TILES, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS,
+        )  # fmt: skip
     s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # Rows with nothing visible so far keep m = -inf: shift them by 0 so exp gives 0, not NaN.
@@ -368,14 +370,10 @@ def _bwd_dq_block(
         col_ok = col_ok & (tl.load(key_mask_base + cols * stride_mn, mask=col_ok, other=1) == 0)
     vis = col_ok[None, :] & row_vis[:, None]
     if PARTIAL:
-        if USE_TILES:
-            vis = vis & (tl.load(tile_ptrs) != 0)
-        else:
-            p_pos = (offs_m + q_offset)[:, None]
-            allowed = _pattern_allowed(
-                Terms, c, p_pos, cols[None, :], NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS
-            )
-            vis = vis & allowed
+        vis = vis & _pattern_allowed(
+            tile_ptrs, Terms, c, (offs_m + q_offset)[:, None], cols[None, :],
+            USE_TILES, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS,
+        )  # fmt: skip
     x = tl.where(vis, s - lse[:, None], float("-inf"))
     if EXP2:
         p = tl.exp2(x)
@@ -547,14 +545,10 @@ def _bwd_dkdv_block(
     st = tl.dot(k, tl.trans(q_dot), input_precision=DOT_PRECISION) * qk_scale
     vis = col_ok[:, None] & row_vis[None, :]
     if PARTIAL:
-        if USE_TILES:
-            vis = vis & (tl.load(tile_ptrs) != 0)
-        else:
-            p_pos = (offs_m + q_offset)[None, :]
-            allowed = _pattern_allowed(
-                Terms, c, p_pos, cols[:, None], NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS
-            )
-            vis = vis & allowed
+        vis = vis & _pattern_allowed(
+            tile_ptrs, Terms, c, (offs_m + q_offset)[None, :], cols[:, None],
+            USE_TILES, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS,
+        )  # fmt: skip
     x = tl.where(vis, st - lse[None, :], float("-inf"))
     if EXP2:
         pt = tl.exp2(x)
