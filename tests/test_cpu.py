@@ -146,9 +146,10 @@ def test_sparse_vs_reference(pattern, small_blocks):
 @pytest.mark.parametrize("causal", [True, False])
 def test_strided_chunks_as_heads(causal, small_blocks, monkeypatch):
     """n_q == n_k a multiple of the stride, no key mask, no GQA: the column part runs its
-    chunks as extra heads on views of q, k, v (functional._fold), m = 20 rows per chunk (not a
-    multiple of the block); output, lse and gradients (the backward takes the copying path)
-    against the reference in fp64 and fp32."""
+    chunks as extra heads on views of q, k, v (functional._fold) and continues the band part's
+    softmax on views of its out and lse, m = 20 rows per chunk (not a multiple of the block);
+    output, lse and gradients (the backward takes the copying path) against the reference in
+    fp64 and fp32."""
     pattern = patterns.strided(16, causal=causal)
     n = 16 * 20
     assert len(plan(pattern, n, n, 16, 16)) > 1, "the test should run a decomposed plan"
@@ -162,7 +163,7 @@ def test_strided_chunks_as_heads(causal, small_blocks, monkeypatch):
     inputs = list(_qkv(2, 3, 3, n, n, 24))
     got = _run(_sparse(pattern, None, "cpu"), inputs)
     ref = _run(_sparse(pattern, None, "reference"), inputs)
-    assert folds == [16, 16, 16]
+    assert folds == [16] * 5, "q, k, v and the state (out, lse) should be folded"
     for a, r in zip(got, ref, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-11)
     _compare_fp32(
@@ -370,6 +371,31 @@ def test_every_instruction_set(isa, monkeypatch, small_blocks):
     _compare_fp32(_xl(None, "cpu"), _xl(None, "reference"), xl_rows_inputs, xl_grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_forward_resumes_state(dtype, small_blocks):
+    """A causal pass over the even keys continued by one over the odd keys (and the other way
+    round), the state in strided views, equals one causal pass over all keys. Row 0 has no odd
+    key, so one order resumes an empty row and the other leaves a finished row untouched."""
+    b, h, n, d = 2, 3, 45, 24
+    q, k, v = (t.to(dtype) for t in _qkv(b, h, h, n, n, d))
+    lay = patterns.causal().layout(n, n, cpu.BLOCK_M, cpu.BLOCK_N)
+    odd = (torch.arange(n) % 2 == 1)[None, None]
+    want_out, want_lse = cpu.sparse_forward(q, k, v, lambda m, nb: lay, scale=0.3)
+    for first, second in ((odd, ~odd), (~odd, odd)):
+        o, l = cpu.sparse_forward(q, k, v, lambda m, nb: lay, scale=0.3, key_mask=first)
+        out = torch.zeros(b, h, n, d + 5, dtype=dtype)[..., :d]
+        lse = torch.zeros(b, h, n, 2, dtype=dtype)[..., 1]
+        out.copy_(o)
+        lse.copy_(l)
+        got = cpu.sparse_forward(
+            q, k, v, lambda m, nb: lay, scale=0.3, key_mask=second, state=(out, lse)
+        )
+        assert got[0] is out and got[1] is lse
+        tol = {"rtol": 1e-12, "atol": 1e-13} if dtype == torch.float64 else {}
+        torch.testing.assert_close(out, want_out, **tol)
+        torch.testing.assert_close(lse, want_lse, **tol)
+
+
 # --------------------------------------------------------------------------- errors
 def test_errors():
     q, k, v = _qkv(1, 2, 2, 20, 20, 16, dtype=torch.float32)
@@ -383,6 +409,19 @@ def test_errors():
     with pytest.raises(ValueError, match="does not broadcast"):
         cpu.sparse_forward(
             q, k, v, lambda m, n: lay, scale=1.0, key_mask=torch.zeros(3, 2, 20, dtype=torch.bool)
+        )
+    state = (torch.zeros(1, 2, 20, 16), torch.zeros(1, 2, 20))
+    with pytest.raises(TypeError, match="state out must be a CPU torch.float32 tensor"):
+        cpu.sparse_forward(
+            q, k, v, lambda m, n: lay, scale=1.0, state=(state[0].double(), state[1])
+        )
+    with pytest.raises(ValueError, match=r"state lse must have shape \[1, 2, 20\]"):
+        cpu.sparse_forward(
+            q, k, v, lambda m, n: lay, scale=1.0, state=(state[0], state[1][..., :5])
+        )
+    with pytest.raises(ValueError, match="state out must be contiguous along D"):
+        cpu.sparse_forward(
+            q, k, v, lambda m, n: lay, scale=1.0, state=(state[0].mT.contiguous().mT, state[1])
         )
     xq, xk, xv, r, u, vb = _xl_inputs(1, 2, 2, 10, 5, 16, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"r must be \[H, R >= 1, D\]"):

@@ -36,6 +36,9 @@ namespace {
 constexpr i64 kPad = 16;  // D is padded to a multiple of this many elements (64 B in fp32)
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
+// Rows this many bytes apart or more are copied before a GEMM reads them repeatedly: they map
+// to few cache sets (a page apart, always the same ones), and evict each other when read in place.
+constexpr i64 kFarRows = 4096;
 constexpr int kGroupEq = 0, kGroupLt = 1;  // effattn.patterns.GROUP_EQ / GROUP_LT (else NE)
 
 inline i64 round_up(i64 x, i64 m) { return (x + m - 1) / m * m; }
@@ -197,23 +200,34 @@ void apply_terms(const int32_t* terms, i64 nt, i64 j, i64 p0, i64 BM, T* s,
 template <class T>
 const T* rows_block(const T* src, i64 sn, i64 sd, i64 n, i64 D, i64 Dp, i64 j0, i64 BN,
                     bool need_pad, T* scratch, i64& ld) {
-  if (sd == 1 && j0 + BN <= n && (!need_pad || D == Dp)) {
+  const bool far = sn * static_cast<i64>(sizeof(T)) >= kFarRows;
+  if (sd == 1 && !far && j0 + BN <= n && (!need_pad || D == Dp)) {
     ld = sn;
     return src + j0 * sn;
   }
   ld = Dp;
   const i64 cnt = imin(BN, n - j0);
-  for (i64 jj = 0; jj < BN; ++jj)
-    for (i64 d = 0; d < Dp; ++d)
-      scratch[jj * Dp + d] = jj < cnt && d < D ? src[(j0 + jj) * sn + d * sd] : T(0);
+  for (i64 jj = 0; jj < BN; ++jj) {
+    T* row = scratch + jj * Dp;
+    const T* from = src + (j0 + jj) * sn;
+    i64 d = 0;
+    if (jj < cnt && sd == 1) {
+      __builtin_memcpy(row, from, sizeof(T) * static_cast<size_t>(D));
+      d = D;
+    } else if (jj < cnt) {
+      for (; d < D; ++d) row[d] = from[d * sd];
+    }
+    for (; d < Dp; ++d) row[d] = T(0);
+  }
   return scratch;
 }
 
 // dst[d][r] = mul * src[r][d] for r < rows (zero for rows <= r < BM): a block of rows transposed.
 template <class T>
 void pack_t(const T* src, i64 sn, i64 sd, i64 rows, i64 D, i64 BM, T mul, T* dst) {
-  for (i64 d = 0; d < D; ++d)
-    for (i64 r = 0; r < BM; ++r) dst[d * BM + r] = r < rows ? src[r * sn + d * sd] * mul : T(0);
+  // Row by row: rows far apart alias in the caches, so each is best read once, in one go.
+  for (i64 r = 0; r < BM; ++r)
+    for (i64 d = 0; d < D; ++d) dst[d * BM + r] = r < rows ? src[r * sn + d * sd] * mul : T(0);
 }
 
 // ------------------------------------------------------------------------------- softmax
@@ -284,14 +298,28 @@ void softmax_update_t(T* St, i64 BN, i64 BM, T* m, T* l, T* acc, i64 Dp, T* tmp)
 }
 
 // out[r] = acc[r] / l[r], lse[r] = (m[r] + log2(l[r])) ln 2; zero and -inf for empty rows.
+// Rows of out are `so` elements apart, entries of lse `sl`.
 template <class T>
 void finalize_rows(i64 rows, i64 D, i64 Dp, const T* acc, const T* m, const T* l, T* out,
-                   T* lse) {
+                   i64 so, T* lse, i64 sl) {
   for (i64 r = 0; r < rows; ++r) {
     const bool any = l[r] > T(0);
     const T inv = any ? T(1) / l[r] : T(0);
-    for (i64 d = 0; d < D; ++d) out[r * D + d] = acc[r * Dp + d] * inv;
-    lse[r] = any ? (m[r] + slog2(l[r])) * T(kLn2) : neg_inf<T>();
+    for (i64 d = 0; d < D; ++d) out[r * so + d] = acc[r * Dp + d] * inv;
+    lse[r * sl] = any ? (m[r] + slog2(l[r])) * T(kLn2) : neg_inf<T>();
+  }
+}
+
+// The online softmax state of rows whose finished result over other keys is out (rows `so`
+// apart) and lse (`sl` apart): m = lse in base 2, l = 1, acc = out; empty rows start empty.
+template <class T>
+void resume_rows(i64 rows, i64 BM, i64 D, i64 Dp, const T* out, i64 so, const T* lse, i64 sl,
+                 T* acc, T* m, T* l) {
+  for (i64 r = 0; r < BM; ++r) {
+    const bool any = r < rows && lse[r * sl] > neg_inf<T>();
+    m[r] = any ? lse[r * sl] * T(kLog2e) : neg_inf<T>();
+    l[r] = any ? T(1) : T(0);
+    for (i64 d = 0; d < Dp; ++d) acc[r * Dp + d] = any && d < D ? out[r * so + d] : T(0);
   }
 }
 
@@ -428,11 +456,18 @@ void sparse_forward_impl(const SparseArgs& a) {
     const uint8_t* km = key_mask_of(a, b, h);
     const LayoutRow lr = kv_row(a, c, qb);
 
+    T* out = static_cast<T*>(a.out) + b * a.so[0] + h * a.so[1] + i0 * a.so[2];
+    T* lse = static_cast<T*>(a.lse) + b * a.sl[0] + h * a.sl[1] + i0 * a.sl[2];
+
     pack_t(q, a.sq[2], a.sq[3], rows, D, BM, c2, qt);
-    for (i64 x = 0; x < BM * Dp; ++x) acc[x] = T(0);
-    for (i64 r = 0; r < BM; ++r) {
-      m[r] = neg_inf<T>();
-      l[r] = T(0);
+    if (a.resume) {
+      resume_rows<T>(rows, BM, D, Dp, out, a.so[2], lse, a.sl[2], acc, m, l);
+    } else {
+      for (i64 x = 0; x < BM * Dp; ++x) acc[x] = T(0);
+      for (i64 r = 0; r < BM; ++r) {
+        m[r] = neg_inf<T>();
+        l[r] = T(0);
+      }
     }
     for (i64 t = 0; t < lr.num; ++t) {
       const i64 kb = lr.block(t), j0 = kb * BN;
@@ -446,8 +481,7 @@ void sparse_forward_impl(const SparseArgs& a) {
       ranges_by_cols(BM, BN, lo, hi, klo, khi);
       gemm_ab_ranged<T>(BM, Dp, St, 1, BM, vr, ldv, acc, Dp, klo, khi);
     }
-    finalize_rows<T>(rows, D, Dp, acc, m, l, static_cast<T*>(a.out) + (bh * a.n_q + i0) * D,
-                     static_cast<T*>(a.lse) + bh * a.n_q + i0);
+    finalize_rows<T>(rows, D, Dp, acc, m, l, out, a.so[2], lse, a.sl[2]);
   };
   run_parallel(a.B * a.H * a.nqb, a.threads, body);
 }
@@ -1166,8 +1200,8 @@ void xl_rows_forward(const XlArgs& a) {
             pv_rows<T>(sc, vb + lo * a.sv[2], a.sv[2], n, Dv, D, o);
           }
           if (S == 1) {
-            finalize_rows<T>(1, D, Dp, o, &m, &l, static_cast<T*>(a.out) + bhi * D,
-                             static_cast<T*>(a.lse) + bhi);
+            finalize_rows<T>(1, D, Dp, o, &m, &l, static_cast<T*>(a.out) + bhi * D, D,
+                             static_cast<T*>(a.lse) + bhi, 1);
           } else {
             T* p = parts.get() + (bhi * S + s) * part_w;
             p[0] = m;
@@ -1196,8 +1230,8 @@ void xl_rows_forward(const XlArgs& a) {
         l += p[1] * w;
         for (i64 d = 0; d < D; ++d) o[d] += p[2 + d] * w;
       }
-      finalize_rows<T>(1, D, Dp, o, &m, &l, static_cast<T*>(a.out) + bhi * D,
-                       static_cast<T*>(a.lse) + bhi);
+      finalize_rows<T>(1, D, Dp, o, &m, &l, static_cast<T*>(a.out) + bhi * D, D,
+                       static_cast<T*>(a.lse) + bhi, 1);
     }
   };
   run_parallel(a.B * a.H, a.threads, merge);
@@ -1290,8 +1324,8 @@ void xl_forward_impl(const XlArgs& a) {
       const T* vblk = rows_block(v, a.sv[2], a.sv[3], a.N, D, Dp, j0, BN, true, vs, ldv);
       gemm_ab<T>(BM, Dp, BN, S, BN, 1, vblk, ldv, acc, Dp);
     }
-    finalize_rows<T>(rows, D, Dp, acc, m, l, static_cast<T*>(a.out) + (bh * a.L + i0) * D,
-                     static_cast<T*>(a.lse) + bh * a.L + i0);
+    finalize_rows<T>(rows, D, Dp, acc, m, l, static_cast<T*>(a.out) + (bh * a.L + i0) * D, D,
+                     static_cast<T*>(a.lse) + bh * a.L + i0, 1);
   };
   run_parallel(a.B * a.H * g.nqb, a.threads, body);
 }

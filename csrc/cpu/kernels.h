@@ -21,7 +21,7 @@ enum Dtype : int { kFloat32 = 0, kFloat64 = 1 };
 
 // Block-sparse attention over one part of a plan (see effattn/ops/torch_sparse.py for the
 // contract). Tensors are [B, H, N, D] with element strides {b, h, n, d}; outputs, lse and delta
-// are contiguous in the accumulation dtype.
+// are in the accumulation dtype, contiguous but for the forward's out and lse.
 struct SparseArgs {
   int dtype = kFloat32;
   int threads = 1;
@@ -34,9 +34,13 @@ struct SparseArgs {
   // bool [B, H, n_k] through strides (0 on broadcast dims), true = the key is hidden.
   const uint8_t* key_mask = nullptr;
   int64_t skm[3] = {};
-  // Forward outputs: out [B, H, n_q, D], lse [B, H, n_q] (natural log, -inf for empty rows).
+  // Forward outputs: out [B, H, n_q, D] (element strides {b, h, n}, unit along D) and lse
+  // [B, H, n_q] (strides {b, h, n}; natural log, -inf for empty rows). With `resume` they hold
+  // on entry the result over a disjoint set of keys, which the kernel extends to the union.
   void* out = nullptr;
   void* lse = nullptr;
+  int64_t so[3] = {}, sl[3] = {};
+  bool resume = false;
   // Backward inputs (dout strided; lse_in, delta contiguous [B, H, n_q]) and outputs
   // dq [B, H, n_q, D], dk / dv [B, Hkv, n_k, D].
   const void* dout = nullptr;

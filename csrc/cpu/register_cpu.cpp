@@ -86,6 +86,11 @@ cpu::SparseArgs sparse_args(const py::dict& d) {
   if (a.key_mask) get_strides(d, "skm", a.skm, 3);
   a.out = get_ptr<void>(d, "out");
   a.lse = get_ptr<void>(d, "lse");
+  if (a.out) {
+    get_strides(d, "so", a.so, 3);
+    get_strides(d, "sl", a.sl, 3);
+    a.resume = d.contains("resume") && d["resume"].cast<bool>();
+  }
   a.dout = get_ptr<const void>(d, "dout");
   if (a.dout) get_strides(d, "sdo", a.sdo, 4);
   a.lse_in = get_ptr<const void>(d, "lse_in");

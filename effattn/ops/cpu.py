@@ -21,6 +21,7 @@ from effattn import _extension
 
 __all__ = [
     "BLOCK_M",
+    "RESUMES",
     "BLOCK_N",
     "XL_BLOCK_M",
     "XL_BLOCK_N",
@@ -40,6 +41,9 @@ BLOCK_M = 64
 BLOCK_N = 64
 XL_BLOCK_M = 64
 XL_BLOCK_N = 64
+
+RESUMES = True
+"""sparse_forward takes ``state``: a part continues another's online softmax (no merge)."""
 
 ISA: str | None = None
 """Instruction set of the kernels: None for the widest this CPU runs (see :func:`isas`)."""
@@ -167,7 +171,22 @@ def _key_mask_args(key_mask, b: int, h: int, n_k: int) -> tuple[dict, list]:
     return {"key_mask": km.data_ptr(), "skm": list(km.stride())}, [km]
 
 
-def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None):
+def _check_state(state, q: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(state, tuple) and len(state) == 2):
+        raise TypeError("state must be a tuple (out, lse)")
+    out, lse = state
+    b, h, n_q, d = q.shape
+    for name, t, shape in (("out", out, (b, h, n_q, d)), ("lse", lse, (b, h, n_q))):
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.dtype != acc:
+            raise TypeError(f"state {name} must be a CPU {acc} tensor")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"state {name} must have shape {list(shape)}, got {list(t.shape)}")
+    if d > 1 and out.stride(3) != 1:
+        raise ValueError("state out must be contiguous along D")
+    return out, lse
+
+
+def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None, state=None):
     """Block-sparse attention forward of one plan part.
 
     Args:
@@ -175,28 +194,34 @@ def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None):
         layout_fn: (block_m, block_n) -> the part's BlockLayout.
         scale: score scale.
         key_mask: None or bool broadcastable to [B, H, n_k], True = the key is hidden.
+        state: None, or (out [B, H, n_q, D], lse [B, H, n_q]) in the accumulation dtype (fp32,
+            fp64 for fp64), any strides but unit along D: the result over a set of keys
+            disjoint from this part's, which the kernel extends to the union in place.
 
     Returns:
         out [B, H, n_q, D] (q.dtype) and lse [B, H, n_q] (fp32, fp64 for fp64), -inf and a zero
-        row for a query without visible keys.
+        row for a query without visible keys; with ``state``, its two tensors.
     """
     check(q, k, v)
     b, h, n_q, d = q.shape
     acc = _acc(q.dtype)
-    # The kernel writes every element (zeros and -inf for rows without visible keys).
-    out = torch.empty(b, h, n_q, d, dtype=acc)
-    lse = torch.empty(b, h, n_q, dtype=acc)
-    if out.numel() == 0:
-        return out.to(q.dtype), lse
-    qc, kc, vc = q.to(acc), k.to(acc), v.to(acc)
-    lay_args, keep = _layout_args(layout_fn(BLOCK_M, BLOCK_N), BLOCK_M, BLOCK_N)
-    km_args, keep_km = _key_mask_args(key_mask, b, h, k.shape[2])
-    args = _common(qc, kc, vc)
-    args.update(lay_args, **km_args, n_q=n_q, n_k=k.shape[2], scale=float(scale))
-    args.update(out=out.data_ptr(), lse=lse.data_ptr())
-    _ext().cpu_sparse_forward(args)
-    del keep, keep_km
-    return out.to(q.dtype), lse
+    if state is None:
+        # The kernel writes every element (zeros and -inf for rows without visible keys).
+        out = torch.empty(b, h, n_q, d, dtype=acc)
+        lse = torch.empty(b, h, n_q, dtype=acc)
+    else:
+        out, lse = _check_state(state, q, acc)
+    if out.numel():
+        qc, kc, vc = q.to(acc), k.to(acc), v.to(acc)
+        lay_args, keep = _layout_args(layout_fn(BLOCK_M, BLOCK_N), BLOCK_M, BLOCK_N)
+        km_args, keep_km = _key_mask_args(key_mask, b, h, k.shape[2])
+        args = _common(qc, kc, vc)
+        args.update(lay_args, **km_args, n_q=n_q, n_k=k.shape[2], scale=float(scale))
+        args.update(out=out.data_ptr(), so=list(out.stride()[:3]), resume=state is not None)
+        args.update(lse=lse.data_ptr(), sl=list(lse.stride()))
+        _ext().cpu_sparse_forward(args)
+        del keep, keep_km
+    return (out, lse) if state is not None else (out.to(q.dtype), lse)
 
 
 def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_mask=None):

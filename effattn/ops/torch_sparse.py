@@ -16,6 +16,9 @@ part of a plan, see :mod:`effattn.decompose`):
     key_mask: None or bool broadcastable to [B, H, n_k], True = the key is hidden.
     sparse_forward -> out [B, H, n_q, D] (q.dtype), lse [B, H, n_q] fp32 (fp64 for fp64), -inf and a
         zero row when a query has no visible key.
+    Optional: a backend with ``RESUMES = True`` takes ``sparse_forward(..., state=(out, lse))``,
+        views in the accumulation dtype holding the result over a disjoint set of keys, which
+        it extends to the union in place (the strided column part then needs no merge).
     sparse_backward(dout, lse, delta) with the *merged* lse and delta = rowsum(dout * out) - dlse of
         the whole plan: probabilities are exp(s - lse), so each part's gradients are its share
         of the full softmax's; rows whose lse is +-inf contribute nothing.
