@@ -276,6 +276,15 @@ def _run_backward(dout, dlse, q, k, v, out, lse, kpm, pattern: Pattern, scale: f
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     for part in parts:
+        if _foldable(part, q, k, v, kpm):
+            qf, kf, vf, dof = (_fold(part, t) for t in (q, k, v, dout))
+            lsef, deltaf = (_fold(part, t).contiguous() for t in (lse, delta))
+            grads = kern.sparse_backward(
+                qf, kf, vf, dof, lsef, deltaf, part.folded.layout_for, scale=scale
+            )
+            for total, g in zip((dq, dk, dv), grads, strict=True):
+                _fold(part, total).add_(g)
+            continue
         qp, kp, vp, km = _gather_part(part, q, k, v, kpm)
         dop, lsep, deltap = dout, lse, delta
         # Rows kept only for dense blocks get no gradient: zero dout and an lse of +inf.

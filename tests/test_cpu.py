@@ -146,10 +146,10 @@ def test_sparse_vs_reference(pattern, small_blocks):
 @pytest.mark.parametrize("causal", [True, False])
 def test_strided_chunks_as_heads(causal, small_blocks, monkeypatch):
     """n_q == n_k a multiple of the stride, no key mask, no GQA: the column part runs its
-    chunks as extra heads on views of q, k, v (functional._fold) and continues the band part's
-    softmax on views of its out and lse, m = 20 rows per chunk (not a multiple of the block);
-    output, lse and gradients (the backward takes the copying path) against the reference in
-    fp64 and fp32."""
+    chunks as extra heads on views of q, k, v (functional._fold), forward (continuing the band
+    part's softmax on views of its out and lse) and backward (on views of dout, lse, delta and
+    the gradients), m = 20 rows per chunk (not a multiple of the block); output, lse and
+    gradients against the reference in fp64 and fp32."""
     pattern = patterns.strided(16, causal=causal)
     n = 16 * 20
     assert len(plan(pattern, n, n, 16, 16)) > 1, "the test should run a decomposed plan"
@@ -163,7 +163,8 @@ def test_strided_chunks_as_heads(causal, small_blocks, monkeypatch):
     inputs = list(_qkv(2, 3, 3, n, n, 24))
     got = _run(_sparse(pattern, None, "cpu"), inputs)
     ref = _run(_sparse(pattern, None, "reference"), inputs)
-    assert folds == [16] * 5, "q, k, v and the state (out, lse) should be folded"
+    # Forward: q, k, v, out, lse; backward: q, k, v, dout, lse, delta, dq, dk, dv.
+    assert folds == [16] * 14
     for a, r in zip(got, ref, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-11)
     _compare_fp32(
@@ -220,6 +221,25 @@ def test_sparse_default_blocks(pattern):
         list(_qkv(1, 2, 2, 300, 300, 80, seed=4)),
         ("dq", "dk", "dv"),
     )
+
+
+def test_short_sequences_shrink_tiles(monkeypatch):
+    """strided(32) at n = 640 with the shipped blocks: the column part's chunks of 20 rows run
+    as heads on 32 x 32 tiles (a 64-row tile would be mostly padding), forward and backward."""
+    tiles = []
+
+    def spy(layout, block_m, block_n, layout_args=cpu._layout_args):
+        tiles.append((block_m, block_n))
+        return layout_args(layout, block_m, block_n)
+
+    monkeypatch.setattr(cpu, "_layout_args", spy)
+    _compare_fp32(
+        _sparse(patterns.strided(32), None, "cpu"),
+        _sparse(patterns.strided(32), None, "reference"),
+        list(_qkv(1, 2, 2, 640, 640, 24, seed=5)),
+        ("dq", "dk", "dv"),
+    )
+    assert (64, 64) in tiles and (32, 32) in tiles
 
 
 def test_sparse_fp64_exact(small_blocks):
@@ -399,30 +419,27 @@ def test_sparse_forward_resumes_state(dtype, small_blocks):
 # --------------------------------------------------------------------------- errors
 def test_errors():
     q, k, v = _qkv(1, 2, 2, 20, 20, 16, dtype=torch.float32)
-    lay = patterns.causal().layout(20, 20, cpu.BLOCK_M, cpu.BLOCK_N)
+
+    def lay(block_m, block_n):
+        return patterns.causal().layout(20, 20, block_m, block_n)
+
     with pytest.raises(TypeError, match="q must be fp16, bf16, fp32 or fp64"):
         cpu.check(q.int(), k.int(), v.int())
     with pytest.raises(TypeError, match="k must have q's dtype"):
         cpu.check(q, k.double(), v)
     with pytest.raises(TypeError, match="key_mask must be a bool tensor"):
-        cpu.sparse_forward(q, k, v, lambda m, n: lay, scale=1.0, key_mask=torch.zeros(1, 2, 20))
+        cpu.sparse_forward(q, k, v, lay, scale=1.0, key_mask=torch.zeros(1, 2, 20))
     with pytest.raises(ValueError, match="does not broadcast"):
         cpu.sparse_forward(
-            q, k, v, lambda m, n: lay, scale=1.0, key_mask=torch.zeros(3, 2, 20, dtype=torch.bool)
+            q, k, v, lay, scale=1.0, key_mask=torch.zeros(3, 2, 20, dtype=torch.bool)
         )
     state = (torch.zeros(1, 2, 20, 16), torch.zeros(1, 2, 20))
     with pytest.raises(TypeError, match="state out must be a CPU torch.float32 tensor"):
-        cpu.sparse_forward(
-            q, k, v, lambda m, n: lay, scale=1.0, state=(state[0].double(), state[1])
-        )
+        cpu.sparse_forward(q, k, v, lay, scale=1.0, state=(state[0].double(), state[1]))
     with pytest.raises(ValueError, match=r"state lse must have shape \[1, 2, 20\]"):
-        cpu.sparse_forward(
-            q, k, v, lambda m, n: lay, scale=1.0, state=(state[0], state[1][..., :5])
-        )
+        cpu.sparse_forward(q, k, v, lay, scale=1.0, state=(state[0], state[1][..., :5]))
     with pytest.raises(ValueError, match="state out must be contiguous along D"):
-        cpu.sparse_forward(
-            q, k, v, lambda m, n: lay, scale=1.0, state=(state[0].mT.contiguous().mT, state[1])
-        )
+        cpu.sparse_forward(q, k, v, lay, scale=1.0, state=(state[0].mT.contiguous().mT, state[1]))
     xq, xk, xv, r, u, vb = _xl_inputs(1, 2, 2, 10, 5, 16, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"r must be \[H, R >= 1, D\]"):
         cpu.xl_forward(xq, xk, xv, r[:1], u, vb, scale=1.0)

@@ -207,7 +207,8 @@ def test_decomposed_plans(blocks, pattern, n_q, n_k, kpm_rate):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "non-causal"])
 def test_strided_chunks_as_heads(blocks, causal):
     """n_q == n_k a multiple of the stride, no key mask, no GQA: the column part runs as extra
-    heads on strided views of q, k, v (effattn.functional._fold), m = 20 rows per chunk."""
+    heads on strided views (effattn.functional._fold) of q, k, v, and in the backward of dout
+    and the gradients too, m = 20 rows per chunk."""
     blocks((16, 16))
     pattern = P.strided(8, causal=causal)
     assert len(plan(pattern, 160, 160, 16, 16)) > 1, "the plan must decompose for this test"

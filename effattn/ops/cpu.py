@@ -112,6 +112,13 @@ def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
     }
 
 
+def _tiles(n_q: int, n_k: int) -> tuple[int, int]:
+    """Tile sizes for one call: BLOCK_M x BLOCK_N, shrunk (in steps of 16) for sequences shorter
+    than a tile, such as the strided column part's chunks of n / stride rows run as heads."""
+    short = max(16, -(-max(n_q, n_k) // 16) * 16)
+    return min(BLOCK_M, short), min(BLOCK_N, short)
+
+
 def _layout_args(layout, block_m: int, block_n: int) -> tuple[dict, list]:
     """The layout's fields for the kernel, and the tensors that must outlive the call."""
     if layout.block_m != block_m or layout.block_n != block_n:
@@ -213,7 +220,8 @@ def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None, state=Non
         out, lse = _check_state(state, q, acc)
     if out.numel():
         qc, kc, vc = q.to(acc), k.to(acc), v.to(acc)
-        lay_args, keep = _layout_args(layout_fn(BLOCK_M, BLOCK_N), BLOCK_M, BLOCK_N)
+        bm, bn = _tiles(n_q, k.shape[2])
+        lay_args, keep = _layout_args(layout_fn(bm, bn), bm, bn)
         km_args, keep_km = _key_mask_args(key_mask, b, h, k.shape[2])
         args = _common(qc, kc, vc)
         args.update(lay_args, **km_args, n_q=n_q, n_k=k.shape[2], scale=float(scale))
@@ -253,7 +261,8 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
         qc, kc, vc, doc = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
         lse_c = lse.to(device="cpu", dtype=acc).contiguous()
         delta_c = delta.to(device="cpu", dtype=acc).contiguous()
-        lay_args, keep = _layout_args(layout_fn(BLOCK_M, BLOCK_N), BLOCK_M, BLOCK_N)
+        bm, bn = _tiles(n_q, k.shape[2])
+        lay_args, keep = _layout_args(layout_fn(bm, bn), bm, bn)
         km_args, keep_km = _key_mask_args(key_mask, b, h, k.shape[2])
         args = _common(qc, kc, vc)
         args.update(lay_args, **km_args, n_q=n_q, n_k=k.shape[2], scale=float(scale))
