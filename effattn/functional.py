@@ -272,17 +272,17 @@ def _run_backward(dout, dlse, q, k, v, out, lse, kpm, pattern: Pattern, scale: f
     if dlse is not None:
         delta = delta - dlse.to(acc)
     lse = lse.to(acc)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    # (dq, dk, dv) summed over the parts so far, in the accumulation dtype.
+    grads = None
     for part in parts:
         if _foldable(part, q, k, v, kpm):
             qf, kf, vf, dof = (_fold(part, t) for t in (q, k, v, dout))
             lsef, deltaf = (_fold(part, t).contiguous() for t in (lse, delta))
-            grads = kern.sparse_backward(
+            part_grads = kern.sparse_backward(
                 qf, kf, vf, dof, lsef, deltaf, part.folded.layout_for, scale=scale
             )
-            for total, g in zip((dq, dk, dv), grads, strict=True):
+            grads = grads or _zero_grads(q, k, v, acc)
+            for total, g in zip(grads, part_grads, strict=True):
                 _fold(part, total).add_(g)
             continue
         qp, kp, vp, km = _gather_part(part, q, k, v, kpm)
@@ -296,10 +296,22 @@ def _run_backward(dout, dlse, q, k, v, out, lse, kpm, pattern: Pattern, scale: f
         dqp, dkp, dvp = kern.sparse_backward(
             qp, kp, vp, dop, lsep, deltap, part.layout_for, scale=scale, key_mask=km
         )
+        if grads is None and part.chunk is None and part.k_index is None and dqp.dtype == acc:
+            # A first part in the original order: its fresh gradients start the sums (saves
+            # three zero-filled tensors and a pass over each).
+            grads = (dqp, dkp, dvp)
+            continue
+        grads = grads or _zero_grads(q, k, v, acc)
+        dq, dk, dv = grads
         dq += _part_rows(part, dqp, q.shape[2], k.shape[2])
         _add_key_grads(part, dk, dkp)
         _add_key_grads(part, dv, dvp)
+    dq, dk, dv = grads or _zero_grads(q, k, v, acc)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _zero_grads(q, k, v, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
 
 
 def _add_key_grads(part: Part, dk: torch.Tensor, dkp: torch.Tensor) -> None:
