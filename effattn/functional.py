@@ -1,8 +1,10 @@
 """Public attention functions: validation, backend dispatch, plans, autograd, torch.compile.
 
 ``sparse_attention`` runs a pattern as the parts of its plan (:mod:`effattn.decompose`) on one
-backend's block-sparse kernels and merges them by log-sum-exp; the backward hands every part the
-merged LSE and delta, so each part's gradients are its share of the full softmax. Both
+backend's block-sparse kernels and merges them by log-sum-exp (a backend with ``RESUMES`` lets
+the strided column part continue the band part's softmax in its kernel instead); the backward
+hands every part the merged LSE and delta, so each part's gradients are its share of the full
+softmax. Both
 directions are ``torch.library`` custom ops, so ``torch.compile`` traces them without graph
 breaks and, the op being opaque, without specializing on the sequence length.
 
