@@ -4,9 +4,8 @@
 backend's block-sparse kernels and merges them by log-sum-exp (a backend with ``RESUMES`` lets
 the strided column part continue the band part's softmax in its kernel instead); the backward
 hands every part the merged LSE and delta, so each part's gradients are its share of the full
-softmax. Both
-directions are ``torch.library`` custom ops, so ``torch.compile`` traces them without graph
-breaks and, the op being opaque, without specializing on the sequence length.
+softmax. Both directions are ``torch.library`` custom ops, so ``torch.compile`` traces them
+without graph breaks and, the op being opaque, without specializing on the sequence length.
 
 Backends (``backend=``): "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
 "cuda" (CUDA C++ extension), "cpu" (C++ extension), "torch" (blockwise PyTorch, any device, the
