@@ -391,6 +391,19 @@ def test_every_instruction_set(isa, monkeypatch, small_blocks):
     _compare_fp32(_xl(None, "cpu"), _xl(None, "reference"), xl_rows_inputs, xl_grads)
 
 
+def test_strided_chunks_far_apart(small_blocks):
+    """Chunks whose rows lie a page or more apart (stride 64 x D = 16 in fp64: 8 KiB) are copied
+    row by row into the tiles (csrc/cpu/attention_impl.h, kFarRows), forward and backward."""
+    pattern = patterns.strided(64)
+    n, d = 64 * 20, 16
+    assert 64 * d * 8 >= 4096, "the test should run rows at least a page apart"
+    inputs = list(_qkv(1, 2, 2, n, n, d, seed=6))
+    got = _run(_sparse(pattern, None, "cpu"), inputs)
+    ref = _run(_sparse(pattern, None, "reference"), inputs)
+    for a, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-11)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sparse_forward_resumes_state(dtype, small_blocks):
     """A causal pass over the even keys continued by one over the odd keys (and the other way
