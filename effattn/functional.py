@@ -228,7 +228,7 @@ def _run_forward(q, k, v, kpm, pattern: Pattern, scale: float, backend: str):
     for part in parts:
         if out is not None and _foldable(part, q, k, v, kpm):
             qf, kf, vf = (_fold(part, t) for t in (q, k, v))
-            if getattr(kern, "RESUMES", False) and out.dtype == lse.dtype:
+            if getattr(kern, "RESUMES", False) and out.dtype == _acc(q):
                 # The chunks continue the earlier parts' softmax on views of (out, lse).
                 state = (_fold(part, out), _fold(part, lse))
                 kern.sparse_forward(qf, kf, vf, part.folded.layout_for, scale=scale, state=state)

@@ -231,29 +231,44 @@ void pack_t(const T* src, i64 sn, i64 sd, i64 rows, i64 D, i64 BM, T mul, T* dst
 }
 
 // ------------------------------------------------------------------------------- softmax
+// In place: s[0, n) (base-2 scores) -> 2^(s - m) with m = max(floor, max of s); returns m and
+// sets sum. A row with m = -inf (nothing visible) becomes zeros.
+template <class T>
+T softmax_row(T* s, i64 n, T floor, T& sum) {
+  constexpr int W = VT<T>::W;
+  const i64 nv = n / W * W;
+  Vec<T> mx = vset<T>(floor);
+  for (i64 x = 0; x < nv; x += W) mx = vmax<T>(mx, vld(s + x));
+  T m = hmax<T>(mx);
+  for (i64 x = nv; x < n; ++x) m = s[x] > m ? s[x] : m;
+  // Exponents against 0 where nothing is visible: every 2^(-inf) is then 0, never NaN.
+  const T safe = m == neg_inf<T>() ? T(0) : m;
+  const Vec<T> mv = vset<T>(safe);
+  Vec<T> acc = Vec<T>{};
+  for (i64 x = 0; x < nv; x += W) {
+    const Vec<T> p = vexp2(vld(s + x) - mv);
+    vst(s + x, p);
+    acc += p;
+  }
+  sum = hsum<T>(acc);
+  for (i64 x = nv; x < n; ++x) {
+    s[x] = sexp2(s[x] - safe);
+    sum += s[x];
+  }
+  return m;
+}
+
 // One row of the online softmax: s [BN] holds scores in base 2 (masked ones -inf); replaces
 // them by probabilities exp2(s - m_new), updates the running max m and sum l, and rescales the
 // output accumulator row acc [Dp].
 template <class T>
 inline void softmax_update(T* s, i64 BN, T& m, T& l, T* acc, i64 Dp) {
   constexpr int W = VT<T>::W;
-  Vec<T> mx = vset<T>(neg_inf<T>());
-  for (i64 j = 0; j < BN; j += W) mx = vmax<T>(mx, vld(s + j));
-  const T row_max = hmax<T>(mx);
-  const T m_new = row_max > m ? row_max : m;
-  if (m_new == neg_inf<T>()) {
-    for (i64 j = 0; j < BN; j += W) vst(s + j, Vec<T>{});
-    return;
-  }
-  const Vec<T> mv = vset<T>(m_new);
-  Vec<T> sum = Vec<T>{};
-  for (i64 j = 0; j < BN; j += W) {
-    const Vec<T> e = vexp2(vld(s + j) - mv);
-    vst(s + j, e);
-    sum += e;
-  }
+  T sum;
+  const T m_new = softmax_row<T>(s, BN, m, sum);
+  if (m_new == neg_inf<T>()) return;
   const T alpha = sexp2(m - m_new);  // 0 on the first visible block (m = -inf)
-  l = l * alpha + hsum<T>(sum);
+  l = l * alpha + sum;
   m = m_new;
   if (alpha != T(1)) {
     for (i64 d = 0; d < Dp; d += W) vst(acc + d, vld(acc + d) * alpha);
@@ -1058,30 +1073,6 @@ void pv_rows(const T* p, const T* v0, i64 vstep, i64 n, i64 Dv, i64 D, T* acc) {
   }
 }
 
-// In place: s[0, n) (base-2 scores) -> 2^(s - max); returns the max, sets sum.
-template <class T>
-T softmax_row(T* s, i64 n, T& sum) {
-  constexpr int W = VT<T>::W;
-  const i64 nv = n / W * W;
-  Vec<T> mx = vset<T>(neg_inf<T>());
-  for (i64 x = 0; x < nv; x += W) mx = vmax<T>(mx, vld(s + x));
-  T m = hmax<T>(mx);
-  for (i64 x = nv; x < n; ++x) m = s[x] > m ? s[x] : m;
-  const Vec<T> mv = vset<T>(m);
-  Vec<T> acc = Vec<T>{};
-  for (i64 x = 0; x < nv; x += W) {
-    const Vec<T> p = vexp2(vld(s + x) - mv);
-    vst(s + x, p);
-    acc += p;
-  }
-  sum = hsum<T>(acc);
-  for (i64 x = nv; x < n; ++x) {
-    s[x] = sexp2(s[x] - m);
-    sum += s[x];
-  }
-  return m;
-}
-
 template <class T>
 void xl_rows_forward(const XlArgs& a) {
   constexpr int W = VT<T>::W;
@@ -1196,7 +1187,7 @@ void xl_rows_forward(const XlArgs& a) {
             dots_range<T>(qu + row * Dp, kb + lo * a.sk[2], a.sk[2], n, Dv, D, sc);
             const T* e = E + gi * Y * RW + (L - 1 - i + lo - ja) * sy + (bl * L + i) * scol;
             for (i64 x = 0; x < n; ++x) sc[x] = (sc[x] + e[x * sy]) * c2;
-            m = softmax_row<T>(sc, n, l);
+            m = softmax_row<T>(sc, n, neg_inf<T>(), l);
             pv_rows<T>(sc, vb + lo * a.sv[2], a.sv[2], n, Dv, D, o);
           }
           if (S == 1) {

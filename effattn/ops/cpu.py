@@ -21,8 +21,8 @@ from effattn import _extension
 
 __all__ = [
     "BLOCK_M",
-    "RESUMES",
     "BLOCK_N",
+    "RESUMES",
     "XL_BLOCK_M",
     "XL_BLOCK_N",
     "check",
