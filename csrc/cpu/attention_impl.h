@@ -225,8 +225,16 @@ const T* rows_block(const T* src, i64 sn, i64 sd, i64 n, i64 D, i64 Dp, i64 j0, 
 // dst[d][r] = mul * src[r][d] for r < rows (zero for rows <= r < BM): a block of rows transposed.
 template <class T>
 void pack_t(const T* src, i64 sn, i64 sd, i64 rows, i64 D, i64 BM, T mul, T* dst) {
-  // Row by row: rows far apart alias in the caches, so each is best read once, in one go.
-  for (i64 r = 0; r < BM; ++r)
+  constexpr int W = VT<T>::W;
+  // W rows at a time, whole W x W blocks in registers: rows far apart alias in the caches, so
+  // each row is best read once, from start to end.
+  const i64 rv = sd == 1 ? rows / W * W : 0, dv = D / W * W;
+  for (i64 r = 0; r < rv; r += W) {
+    for (i64 d = 0; d < dv; d += W) transpose_block(src + r * sn + d, sn, mul, dst + d * BM + r, BM);
+    for (i64 y = r; y < r + W; ++y)
+      for (i64 d = dv; d < D; ++d) dst[d * BM + y] = src[y * sn + d] * mul;
+  }
+  for (i64 r = rv; r < BM; ++r)
     for (i64 d = 0; d < D; ++d) dst[d * BM + r] = r < rows ? src[r * sn + d * sd] * mul : T(0);
 }
 
@@ -275,20 +283,38 @@ inline void softmax_update(T* s, i64 BN, T& m, T& l, T* acc, i64 Dp) {
   }
 }
 
-// The online softmax over a transposed tile St [BN][BM] (keys x queries, base 2, hidden
-// entries -inf): per query column, running max m and sum l [BM]; St becomes the probabilities
-// and the accumulator rows acc [BM][Dp] are rescaled. tmp: 3 * BM scratch.
+// The online softmax over a transposed tile St [BN][BM] (keys x queries, base 2): per query
+// column, running max m and sum l [BM]. Key row jj reaches only the query columns of its hull
+// [lo[jj], hi[jj]] (hidden entries inside it are -inf): its vectors outside the hull are never
+// read and become zeros, and the hull's end vectors hide their lanes outside it, so a hull that
+// is the exact mask needs no other masking. St becomes the probabilities and the accumulator
+// rows acc [BM][Dp] are rescaled. tmp: 3 * BM scratch.
 template <class T>
-void softmax_update_t(T* St, i64 BN, i64 BM, T* m, T* l, T* acc, i64 Dp, T* tmp) {
+void softmax_update_t(T* St, i64 BN, i64 BM, const int32_t* lo, const int32_t* hi, T* m, T* l,
+                      T* acc, i64 Dp, T* tmp) {
   constexpr int W = VT<T>::W;
+  typedef typename VT<T>::I I;
+  typedef decltype(I{}[0]) Lane;
+  I iota;
+  for (int x = 0; x < W; ++x) iota[x] = static_cast<Lane>(x);
   T* m_safe = tmp;
   T* alpha = tmp + BM;
   T* sum = tmp + 2 * BM;
-  for (i64 c = 0; c < BM; c += W) vst(m_safe + c, vld(m + c));
-  for (i64 jj = 0; jj < BN; ++jj)
-    for (i64 c = 0; c < BM; c += W)
-      vst(m_safe + c, vmax<T>(vld(m_safe + c), vld(St + jj * BM + c)));
   const Vec<T> ninf = vset<T>(neg_inf<T>());
+  for (i64 c = 0; c < BM; c += W) vst(m_safe + c, vld(m + c));
+  for (i64 jj = 0; jj < BN; ++jj) {
+    T* s = St + jj * BM;
+    const I vlo = I{} + static_cast<Lane>(lo[jj]), vhi = I{} + static_cast<Lane>(hi[jj]);
+    for (i64 c = lo[jj] / W * W; c <= hi[jj]; c += W) {
+      Vec<T> x = vld(s + c);
+      if (c < lo[jj] || c + W - 1 > hi[jj]) {
+        const I il = iota + static_cast<Lane>(c);
+        x = vsel<T>((I)((il >= vlo) & (il <= vhi)), x, ninf);
+        vst(s + c, x);
+      }
+      vst(m_safe + c, vmax<T>(vld(m_safe + c), x));
+    }
+  }
   for (i64 c = 0; c < BM; c += W) {
     const Vec<T> m_new = vld(m_safe + c);
     // Columns still without a visible key keep m = -inf; exponents use 0 there (all give 0).
@@ -298,12 +324,18 @@ void softmax_update_t(T* St, i64 BN, i64 BM, T* m, T* l, T* acc, i64 Dp, T* tmp)
     vst(m_safe + c, safe);
     vst(sum + c, Vec<T>{});
   }
-  for (i64 jj = 0; jj < BN; ++jj)
-    for (i64 c = 0; c < BM; c += W) {
-      const Vec<T> p = vexp2(vld(St + jj * BM + c) - vld(m_safe + c));
-      vst(St + jj * BM + c, p);
+  for (i64 jj = 0; jj < BN; ++jj) {
+    T* s = St + jj * BM;
+    const i64 c0 = lo[jj] <= hi[jj] ? lo[jj] / W * W : BM, c1 = lo[jj] <= hi[jj] ? hi[jj] : -1;
+    i64 c = 0;
+    for (; c < c0; c += W) vst(s + c, Vec<T>{});
+    for (; c <= c1; c += W) {
+      const Vec<T> p = vexp2(vld(s + c) - vld(m_safe + c));
+      vst(s + c, p);
       vst(sum + c, vld(sum + c) + p);
     }
+    for (; c < BM; c += W) vst(s + c, Vec<T>{});
+  }
   for (i64 c = 0; c < BM; c += W) vst(l + c, vld(l + c) * vld(alpha + c) + vld(sum + c));
   for (i64 r = 0; r < BM; ++r) {
     if (alpha[r] == T(1)) continue;
@@ -394,23 +426,23 @@ inline const uint8_t* key_mask_of(const SparseArgs& a, i64 b, i64 h) {
   return a.key_mask ? a.key_mask + b * a.skm[0] + h * a.skm[1] : nullptr;
 }
 
-// Hides the keys of a transposed tile St [BN][BM] that are past n_k, masked, or (partial
-// blocks) forbidden by the pattern. keep: BM elements of scratch.
+// Hides the entries of a partial tile St [BN][BM] that the pattern forbids within the key rows'
+// hulls [lo, hi] (softmax_update_t hides the rest). keep: BM elements of scratch.
 template <class T>
-void mask_tile(const SparseArgs& a, const uint8_t* km, const LayoutRow& lr, i64 t, i64 c,
-               i64 qb, i64 kb, T* St, T* keep) {
-  constexpr int W = VT<T>::W;
-  const i64 BM = a.BM;
-  const bool partial = t >= lr.num_full;
-  for (i64 jj = 0; jj < a.BN; ++jj) {
-    T* s = St + jj * BM;
-    if (key_hidden(a, km, kb * a.BN + jj)) {
-      for (i64 x = 0; x < BM; x += W) vst(s + x, vset<T>(neg_inf<T>()));
-    } else if (partial) {
-      mask_partial_row<T>(a, c, lr.tile_of(t), qb, kb, jj, s,
+void mask_tile(const SparseArgs& a, const LayoutRow& lr, i64 t, i64 c, i64 qb, i64 kb,
+               const int32_t* lo, const int32_t* hi, T* St, T* keep) {
+  for (i64 jj = 0; jj < a.BN; ++jj)
+    if (lo[jj] <= hi[jj])
+      mask_partial_row<T>(a, c, lr.tile_of(t), qb, kb, jj, St + jj * a.BM,
                           reinterpret_cast<typename VT<T>::I*>(keep));
-    }
-  }
+}
+
+// Whether the hulls of class c's partial tiles are their masks: one term whose query rows per
+// key form an interval (no modulus, no excluded group).
+inline bool hulls_exact(const SparseArgs& a, i64 c) {
+  if (a.tiles != nullptr || a.num_terms != 1) return false;
+  const int32_t* f = a.terms + c * 9;
+  return f[2] == 0 && (f[3] == 0 || f[5] == kGroupEq || f[5] == kGroupLt);
 }
 
 // Per key row jj of a tile, the hull [lo, hi] of the query rows it may be seen by: empty for
@@ -470,6 +502,7 @@ void sparse_forward_impl(const SparseArgs& a) {
     const T* v = static_cast<const T*>(a.v) + b * a.sv[0] + hk * a.sv[1];
     const uint8_t* km = key_mask_of(a, b, h);
     const LayoutRow lr = kv_row(a, c, qb);
+    const bool exact = hulls_exact(a, c);
 
     T* out = static_cast<T*>(a.out) + b * a.so[0] + h * a.so[1] + i0 * a.so[2];
     T* lse = static_cast<T*>(a.lse) + b * a.sl[0] + h * a.sl[1] + i0 * a.sl[2];
@@ -490,8 +523,8 @@ void sparse_forward_impl(const SparseArgs& a) {
       const T* kr = rows_block(k, a.sk[2], a.sk[3], a.n_k, D, Dp, j0, BN, false, kbuf, ldk);
       tile_hulls(a, km, lr, t, c, qb, kb, lo, hi);
       gemm_abt_hull<T>(BN, BM, D, kr, ldk, qt, BM, St, BM, lo, hi, neg_inf<T>());
-      mask_tile<T>(a, km, lr, t, c, qb, kb, St, keep);
-      softmax_update_t<T>(St, BN, BM, m, l, acc, Dp, tmp);
+      if (t >= lr.num_full && !exact) mask_tile<T>(a, lr, t, c, qb, kb, lo, hi, St, keep);
+      softmax_update_t<T>(St, BN, BM, lo, hi, m, l, acc, Dp, tmp);
       const T* vr = rows_block(v, a.sv[2], a.sv[3], a.n_k, D, Dp, j0, BN, true, vbuf, ldv);
       ranges_by_cols(BM, BN, lo, hi, klo, khi);
       gemm_ab_ranged<T>(BM, Dp, St, 1, BM, vr, ldv, acc, Dp, klo, khi);

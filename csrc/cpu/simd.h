@@ -127,6 +127,46 @@ EFFATTN_VINLINE Vec<double> vexp2(Vec<double> x) {
   return r;
 }
 
+// ------------------------------------------------------------------------------- transpose
+// A W x W block transposed in registers: log2(W) steps, step S exchanging the off-diagonal
+// S x S blocks of rows i and i + S (i & S == 0), each row a two-source lane permute (index W + x
+// is lane x of the second source). GCC builds element lists lane by lane, hence its builtin.
+template <class T, int S, std::size_t... X>
+EFFATTN_VINLINE void swap_blocks(Vec<T>& a, Vec<T>& b, std::index_sequence<X...>) {
+  constexpr int W = VT<T>::W;
+#if defined(__clang__)
+  const Vec<T> lo = __builtin_shufflevector(a, b, ((X & S) ? W + (X ^ S) : X)...);
+  const Vec<T> hi = __builtin_shufflevector(a, b, ((X & S) ? W + X : X ^ S)...);
+#else
+  typedef typename VT<T>::I I;
+  const Vec<T> lo = __builtin_shuffle(a, b, I{((X & S) ? W + (X ^ S) : X)...});
+  const Vec<T> hi = __builtin_shuffle(a, b, I{((X & S) ? W + X : X ^ S)...});
+#endif
+  a = lo;
+  b = hi;
+}
+template <class T, int S>
+EFFATTN_VINLINE void transpose_steps(Vec<T>* r) {
+  if constexpr (S > 0) {
+    constexpr int W = VT<T>::W;
+#pragma GCC unroll 32
+    for (int i = 0; i < W; ++i)
+      if (!(i & S)) swap_blocks<T, S>(r[i], r[i + S], std::make_index_sequence<W>{});
+    transpose_steps<T, S / 2>(r);
+  }
+}
+// dst[x * ld + y] = mul * src[y * ls + x] for x, y < W.
+template <class T>
+EFFATTN_VINLINE void transpose_block(const T* src, i64 ls, T mul, T* dst, i64 ld) {
+  constexpr int W = VT<T>::W;
+  Vec<T> r[W];
+#pragma GCC unroll 32
+  for (int y = 0; y < W; ++y) r[y] = vld(src + y * ls) * mul;
+  transpose_steps<T, W / 2>(r);
+#pragma GCC unroll 32
+  for (int x = 0; x < W; ++x) vst(dst + x * ld, r[x]);
+}
+
 // ------------------------------------------------------------------------------- GEMM tiles
 // C[R, NV*W] = A[R, K] * Bt[K, NV*W]; A row-major (lda), Bt row-major (ldb), C row-major (ldc).
 template <class T, int R, int NV>
