@@ -230,7 +230,8 @@ void pack_t(const T* src, i64 sn, i64 sd, i64 rows, i64 D, i64 BM, T mul, T* dst
   // each row is best read once, from start to end.
   const i64 rv = sd == 1 ? rows / W * W : 0, dv = D / W * W;
   for (i64 r = 0; r < rv; r += W) {
-    for (i64 d = 0; d < dv; d += W) transpose_block(src + r * sn + d, sn, mul, dst + d * BM + r, BM);
+    for (i64 d = 0; d < dv; d += W)
+      transpose_block(src + r * sn + d, sn, mul, dst + d * BM + r, BM);
     for (i64 y = r; y < r + W; ++y)
       for (i64 d = dv; d < D; ++d) dst[d * BM + y] = src[y * sn + d] * mul;
   }
