@@ -2,7 +2,7 @@
 
 ``sparse_attention`` runs a pattern as the parts of its plan (:mod:`effattn.decompose`) on one
 backend's block-sparse kernels and merges them by log-sum-exp (a backend with ``RESUMES`` lets
-the strided column part continue the band part's softmax in its kernel instead); the backward
+the strided column part join its result into the band part's in its kernel instead); the backward
 hands every part the merged LSE and delta, so each part's gradients are its share of the full
 softmax. Both directions are ``torch.library`` custom ops, so ``torch.compile`` traces them
 without graph breaks and, the op being opaque, without specializing on the sequence length.
@@ -229,7 +229,7 @@ def _run_forward(q, k, v, kpm, pattern: Pattern, scale: float, backend: str):
         if out is not None and _foldable(part, q, k, v, kpm):
             qf, kf, vf = (_fold(part, t) for t in (q, k, v))
             if getattr(kern, "RESUMES", False) and out.dtype == _acc(q):
-                # The chunks continue the earlier parts' softmax on views of (out, lse).
+                # The chunks join their result into the earlier parts' on views of (out, lse).
                 state = (_fold(part, out), _fold(part, lse))
                 kern.sparse_forward(qf, kf, vf, part.folded.layout_for, scale=scale, state=state)
                 continue

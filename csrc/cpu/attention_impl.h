@@ -346,28 +346,32 @@ void softmax_update_t(T* St, i64 BN, i64 BM, const int32_t* lo, const int32_t* h
 }
 
 // out[r] = acc[r] / l[r], lse[r] = (m[r] + log2(l[r])) ln 2; zero and -inf for empty rows.
-// Rows of out are `so` elements apart, entries of lse `sl`.
+// Rows of out are `so` elements apart, entries of lse `sl`. With `join`, out and lse hold the
+// finished result over a disjoint set of keys, which is combined in: each row is read just
+// before it is written, since rows far apart evict each other from the caches in between.
 template <class T>
 void finalize_rows(i64 rows, i64 D, i64 Dp, const T* acc, const T* m, const T* l, T* out,
-                   i64 so, T* lse, i64 sl) {
+                   i64 so, T* lse, i64 sl, bool join = false) {
   for (i64 r = 0; r < rows; ++r) {
-    const bool any = l[r] > T(0);
-    const T inv = any ? T(1) / l[r] : T(0);
-    for (i64 d = 0; d < D; ++d) out[r * so + d] = acc[r * Dp + d] * inv;
-    lse[r * sl] = any ? (m[r] + slog2(l[r])) * T(kLn2) : neg_inf<T>();
-  }
-}
-
-// The online softmax state of rows whose finished result over other keys is out (rows `so`
-// apart) and lse (`sl` apart): m = lse in base 2, l = 1, acc = out; empty rows start empty.
-template <class T>
-void resume_rows(i64 rows, i64 BM, i64 D, i64 Dp, const T* out, i64 so, const T* lse, i64 sl,
-                 T* acc, T* m, T* l) {
-  for (i64 r = 0; r < BM; ++r) {
-    const bool any = r < rows && lse[r * sl] > neg_inf<T>();
-    m[r] = any ? lse[r * sl] * T(kLog2e) : neg_inf<T>();
-    l[r] = any ? T(1) : T(0);
-    for (i64 d = 0; d < Dp; ++d) acc[r * Dp + d] = any && d < D ? out[r * so + d] : T(0);
+    T mr = m[r], lr = l[r], w_acc = T(1), w_out = T(0);
+    const T prev = join ? lse[r * sl] * T(kLog2e) : neg_inf<T>();
+    if (prev > neg_inf<T>()) {
+      const T top = mr > prev ? mr : prev;
+      w_acc = sexp2(mr - top);  // 0 when these keys left the row empty (mr = -inf)
+      w_out = sexp2(prev - top);
+      lr = lr * w_acc + w_out;
+      mr = top;
+    }
+    const bool any = lr > T(0);
+    const T inv = any ? T(1) / lr : T(0), s_acc = w_acc * inv, s_out = w_out * inv;
+    T* o = out + r * so;
+    const T* ar = acc + r * Dp;
+    if (w_out > T(0)) {
+      for (i64 d = 0; d < D; ++d) o[d] = ar[d] * s_acc + o[d] * s_out;
+    } else {
+      for (i64 d = 0; d < D; ++d) o[d] = ar[d] * s_acc;
+    }
+    lse[r * sl] = any ? (mr + slog2(lr)) * T(kLn2) : neg_inf<T>();
   }
 }
 
@@ -509,14 +513,10 @@ void sparse_forward_impl(const SparseArgs& a) {
     T* lse = static_cast<T*>(a.lse) + b * a.sl[0] + h * a.sl[1] + i0 * a.sl[2];
 
     pack_t(q, a.sq[2], a.sq[3], rows, D, BM, c2, qt);
-    if (a.resume) {
-      resume_rows<T>(rows, BM, D, Dp, out, a.so[2], lse, a.sl[2], acc, m, l);
-    } else {
-      for (i64 x = 0; x < BM * Dp; ++x) acc[x] = T(0);
-      for (i64 r = 0; r < BM; ++r) {
-        m[r] = neg_inf<T>();
-        l[r] = T(0);
-      }
+    for (i64 x = 0; x < BM * Dp; ++x) acc[x] = T(0);
+    for (i64 r = 0; r < BM; ++r) {
+      m[r] = neg_inf<T>();
+      l[r] = T(0);
     }
     for (i64 t = 0; t < lr.num; ++t) {
       const i64 kb = lr.block(t), j0 = kb * BN;
@@ -530,7 +530,7 @@ void sparse_forward_impl(const SparseArgs& a) {
       ranges_by_cols(BM, BN, lo, hi, klo, khi);
       gemm_ab_ranged<T>(BM, Dp, St, 1, BM, vr, ldv, acc, Dp, klo, khi);
     }
-    finalize_rows<T>(rows, D, Dp, acc, m, l, out, a.so[2], lse, a.sl[2]);
+    finalize_rows<T>(rows, D, Dp, acc, m, l, out, a.so[2], lse, a.sl[2], a.resume);
   };
   run_parallel(a.B * a.H * a.nqb, a.threads, body);
 }
