@@ -194,6 +194,15 @@ inline void tile_abt(const T* A, i64 lda, const T* Bt, i64 ldb, i64 K, T* C, i64
     for (int v = 0; v < NV; ++v) vst(C + r * ldc + v * W, acc[r][v]);
 }
 
+// tile_abt with n vectors per row, 1 <= n <= NV.
+template <class T, int R, int NV>
+inline void tile_abt_n(int n, const T* A, i64 lda, const T* Bt, i64 ldb, i64 K, T* C, i64 ldc) {
+  if constexpr (NV > 1) {
+    if (n < NV) return tile_abt_n<T, R, NV - 1>(n, A, lda, Bt, ldb, K, C, ldc);
+  }
+  tile_abt<T, R, NV>(A, lda, Bt, ldb, K, C, ldc);
+}
+
 // C[M, N] = A[M, K] * Bt[K, N]; M a multiple of kRowsAbt, N of W.
 template <class T>
 void gemm_abt(i64 M, i64 N, i64 K, const T* A, i64 lda, const T* Bt, i64 ldb, T* C, i64 ldc) {
@@ -287,9 +296,15 @@ void gemm_abt_hull(i64 M, i64 N, i64 K, const T* A, i64 lda, const T* Bt, i64 ld
       return true;
     };
     i64 j = 0;
-    for (; j + kVecsAbt * W <= N; j += kVecsAbt * W)
-      if (!skip(j, kVecsAbt * W))
-        tile_abt<T, kRowsAbt, kVecsAbt>(A + i * lda, lda, Bt + j, ldb, K, C + i * ldc + j, ldc);
+    for (; j + kVecsAbt * W <= N; j += kVecsAbt * W) {
+      // The rows' hull is one interval: the vectors that meet it are consecutive.
+      int v0 = 0, v1 = kVecsAbt - 1;
+      while (v0 <= v1 && skip(j + v0 * W, W)) ++v0;
+      while (v1 > v0 && skip(j + v1 * W, W)) --v1;
+      if (v0 <= v1)
+        tile_abt_n<T, kRowsAbt, kVecsAbt>(v1 - v0 + 1, A + i * lda, lda, Bt + j + v0 * W, ldb, K,
+                                          C + i * ldc + j + v0 * W, ldc);
+    }
     for (; j < N; j += W)
       if (!skip(j, W))
         tile_abt<T, kRowsAbt, 1>(A + i * lda, lda, Bt + j, ldb, K, C + i * ldc + j, ldc);
