@@ -59,24 +59,23 @@ inline void bind_params(pybind11::module_& m) {
 #undef EFFATTN_FIELD
 }
 
-// Binds the launchers: each takes (params, launch). Fn holds the launcher functions (the real
-// ones of params.h, or the emulator's) as members named after them.
-template <class Fn>
-void bind_launchers(pybind11::module_& m, const Fn& fn) {
+// Binds the launchers of params.h, each taking (params, launch): the real ones (csrc/cuda/*.cu)
+// in the extension, the emulated ones in the emulator's module (csrc/cuda/emu/module.cpp).
+inline void bind_launchers(pybind11::module_& m) {
   namespace py = pybind11;
-  m.def("cuda_sparse_forward", fn.sparse_forward, py::arg("params"), py::arg("launch"),
+  m.def("cuda_sparse_forward", &sparse_forward, py::arg("params"), py::arg("launch"),
         "Block-sparse attention forward over one part (see effattn.ops.cuda).");
-  m.def("cuda_sparse_backward_dq", fn.sparse_backward_dq, py::arg("params"), py::arg("launch"),
+  m.def("cuda_sparse_backward_dq", &sparse_backward_dq, py::arg("params"), py::arg("launch"),
         "Block-sparse attention backward, dq.");
-  m.def("cuda_sparse_backward_dkdv", fn.sparse_backward_dkdv, py::arg("params"),
+  m.def("cuda_sparse_backward_dkdv", &sparse_backward_dkdv, py::arg("params"),
         py::arg("launch"), "Block-sparse attention backward, dk and dv.");
-  m.def("cuda_xl_forward", fn.xl_forward, py::arg("params"), py::arg("launch"),
+  m.def("cuda_xl_forward", &xl_forward, py::arg("params"), py::arg("launch"),
         "Transformer-XL attention forward.");
-  m.def("cuda_xl_backward_dkdv", fn.xl_backward_dkdv, py::arg("params"), py::arg("launch"),
+  m.def("cuda_xl_backward_dkdv", &xl_backward_dkdv, py::arg("params"), py::arg("launch"),
         "Transformer-XL attention backward: dk, dv and the column sums of dS.");
-  m.def("cuda_xl_backward_dq", fn.xl_backward_dq, py::arg("params"), py::arg("launch"),
+  m.def("cuda_xl_backward_dq", &xl_backward_dq, py::arg("params"), py::arg("launch"),
         "Transformer-XL attention backward: dq.");
-  m.def("cuda_xl_backward_dr", fn.xl_backward_dr, py::arg("params"), py::arg("launch"),
+  m.def("cuda_xl_backward_dr", &xl_backward_dr, py::arg("params"), py::arg("launch"),
         "Transformer-XL attention backward: per-diagonal band gradients of r and band sums of dS.");
 }
 

@@ -10,20 +10,6 @@ namespace py = pybind11;
 
 namespace effattn {
 
-namespace {
-using SparseFn = void (*)(const cuda::SparseParams&, const cuda::Launch&);
-using XlFn = void (*)(const cuda::XlParams&, const cuda::Launch&);
-struct Launchers {
-  SparseFn sparse_forward = &cuda::sparse_forward;
-  SparseFn sparse_backward_dq = &cuda::sparse_backward_dq;
-  SparseFn sparse_backward_dkdv = &cuda::sparse_backward_dkdv;
-  XlFn xl_forward = &cuda::xl_forward;
-  XlFn xl_backward_dkdv = &cuda::xl_backward_dkdv;
-  XlFn xl_backward_dq = &cuda::xl_backward_dq;
-  XlFn xl_backward_dr = &cuda::xl_backward_dr;
-};
-}  // namespace
-
 void register_cuda(py::module_& m) {
   m.def("cuda_device_count", &cuda::device_count,
         "Visible CUDA devices (0 when no driver or device is present).");
@@ -32,7 +18,7 @@ void register_cuda(py::module_& m) {
   m.def("cuda_max_shared_memory_optin", &cuda::max_shared_memory_optin, py::arg("device"),
         "Shared memory (bytes) a block may use on `device` after opting in.");
   cuda::bind_params(m);
-  cuda::bind_launchers(m, Launchers{});
+  cuda::bind_launchers(m);
 }
 
 }  // namespace effattn

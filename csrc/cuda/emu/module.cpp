@@ -31,14 +31,15 @@ void emulate(const P& p, const Launch& l, const char* what) {
   if (!err.empty()) throw std::runtime_error(std::string(what) + ": " + err);
 }
 
-// One emulated launcher per kernel, dispatching like the GPU launchers of csrc/cuda/*.cu.
+}  // namespace
+
+// The launchers of params.h, emulated: each dispatches like its GPU version in csrc/cuda/*.cu.
 #define EFFATTN_EMULATED(fn, Op, P)                                                \
   void fn(const P& p, const Launch& l) {                                           \
     dispatch(p.dtype, p.head_dim, #fn, [&](auto e, auto d) {                        \
       emulate<Op<decltype(e), decltype(d)::value>>(p, l, #fn);                      \
     });                                                                            \
   }
-namespace emulated {
 EFFATTN_EMULATED(sparse_forward, SparseForward, SparseParams)
 EFFATTN_EMULATED(sparse_backward_dq, SparseBackwardDq, SparseParams)
 EFFATTN_EMULATED(sparse_backward_dkdv, SparseBackwardDkDv, SparseParams)
@@ -46,29 +47,15 @@ EFFATTN_EMULATED(xl_forward, XlForward, XlParams)
 EFFATTN_EMULATED(xl_backward_dkdv, XlBackwardDkDv, XlParams)
 EFFATTN_EMULATED(xl_backward_dq, XlBackwardDq, XlParams)
 EFFATTN_EMULATED(xl_backward_dr, XlBackwardDr, XlParams)
-}  // namespace emulated
 #undef EFFATTN_EMULATED
 
-using SparseFn = void (*)(const SparseParams&, const Launch&);
-using XlFn = void (*)(const XlParams&, const Launch&);
-struct Launchers {
-  SparseFn sparse_forward = &emulated::sparse_forward;
-  SparseFn sparse_backward_dq = &emulated::sparse_backward_dq;
-  SparseFn sparse_backward_dkdv = &emulated::sparse_backward_dkdv;
-  XlFn xl_forward = &emulated::xl_forward;
-  XlFn xl_backward_dkdv = &emulated::xl_backward_dkdv;
-  XlFn xl_backward_dq = &emulated::xl_backward_dq;
-  XlFn xl_backward_dr = &emulated::xl_backward_dr;
-};
-
-}  // namespace
 }  // namespace cuda
 }  // namespace effattn
 
 PYBIND11_MODULE(effattn_cuda_emu, m) {
   m.doc() = "effattn's CUDA kernels run on the host by an emulator (tests only)";
   effattn::cuda::bind_params(m);
-  effattn::cuda::bind_launchers(m, effattn::cuda::Launchers{});
+  effattn::cuda::bind_launchers(m);
   m.def(
       "emulator_ranges",
       [](std::vector<std::pair<uintptr_t, uintptr_t>> ranges) {
