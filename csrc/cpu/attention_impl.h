@@ -111,15 +111,18 @@ void pack_block(const T* src, i64 sn, i64 sd, i64 n, i64 D, i64 Dp, i64 BN, i64 
 }
 
 // ------------------------------------------------------------------------------- masks
-// One packed term (effattn.patterns.Term: band, modulus, group, columns) seen from key j: the
-// query rows il (0 <= il < BM, position p0 + il) it allows are [a, z], minus [ex_a, ex_z],
-// stepping by `step` from a. Each constraint is an interval of queries (or a gate on j), so
-// no division runs per element.
-struct TermRows {
-  i64 a, z, ex_a, ex_z, step;
+// What one packed term (effattn.patterns.Term: band, modulus, group, columns) allows of a tile
+// row or column: the positions i (0 <= i < size) in [a, z], minus [ex_a, ex_z], stepping by
+// `step` from a, and (smod > 0) only those with smin <= (base + i) % smod <= smax. Each
+// constraint is an interval, so no division runs per element.
+struct TermSpan {
+  i64 a, z, ex_a, ex_z, step, smod, smin, smax;
 };
+typedef bool (*SpanOf)(const int32_t* f, i64 x, i64 base, i64 size, TermSpan& out);
 
-inline bool term_rows(const int32_t* f, i64 j, i64 p0, i64 BM, TermRows& out) {
+// The span of query rows il (position p0 + il, il < BM) that term f allows key j (the columns
+// constraint gates j itself).
+inline bool term_rows(const int32_t* f, i64 j, i64 p0, i64 BM, TermSpan& out) {
   const i64 lo = f[0], hi = f[1], mod = f[2], gq = f[3], gk = f[4], grel = f[5];
   const i64 smod = f[6], smin = f[7], smax = f[8];
   if (smod > 0) {
@@ -144,54 +147,66 @@ inline bool term_rows(const int32_t* f, i64 j, i64 p0, i64 BM, TermRows& out) {
     a += posmod(j - p0 - a, mod);  // (p - j) % mod == 0
     if (a <= z) z = a + (z - a) / mod * mod;
   }
-  out = {a, z, ex_a, ex_z, mod > 0 ? mod : 1};
+  out = {a, z, ex_a, ex_z, mod > 0 ? mod : 1, 0, 0, 0};
   return a <= z;
 }
 
-// Hull [lo, hi] of the query rows of key j that an OR of terms [nt, 9] may allow.
-inline void term_hull(const int32_t* terms, i64 nt, i64 j, i64 p0, i64 BM, int32_t& lo,
+// Hull [lo, hi] of the positions that an OR of terms [nt, 9] may allow x (Of: term_rows or
+// term_cols).
+template <SpanOf Of>
+inline void term_hull(const int32_t* terms, i64 nt, i64 x, i64 base, i64 size, int32_t& lo,
                       int32_t& hi) {
-  i64 l = BM, h = -1;
-  TermRows tr;
+  i64 l = size, h = -1;
+  TermSpan sp;
   for (i64 t = 0; t < nt; ++t)
-    if (term_rows(terms + 9 * t, j, p0, BM, tr)) {
-      l = imin(l, tr.a);
-      h = imax(h, tr.z);
+    if (Of(terms + 9 * t, x, base, size, sp)) {
+      l = imin(l, sp.a);
+      h = imax(h, sp.z);
     }
   lo = static_cast<int32_t>(l);
   hi = static_cast<int32_t>(h);
 }
 
-// Hides (sets to -inf) the scores s [BM] of key j for the query rows that no term allows:
-// intervals are compared lane-wise, modulus terms mark their few rows one by one.
-// keep: BM lanes of scratch.
-template <class T>
-void apply_terms(const int32_t* terms, i64 nt, i64 j, i64 p0, i64 BM, T* s,
+// Hides (sets to -inf) the scores s [size] of x at the positions that no term allows:
+// intervals (one per period under a columns constraint) compared lane-wise, modulus terms
+// position by position. keep: size lanes of scratch.
+template <class T, SpanOf Of>
+void apply_terms(const int32_t* terms, i64 nt, i64 x, i64 base, i64 size, T* s,
                  typename VT<T>::I* keep) {
   typedef typename VT<T>::I I;
   typedef decltype(I{}[0]) Lane;
   constexpr int W = VT<T>::W;
   I iota;
-  for (int x = 0; x < W; ++x) iota[x] = static_cast<Lane>(x);
-  for (i64 c = 0; c < BM / W; ++c) keep[c] = I{};
-  TermRows tr;
-  for (i64 t = 0; t < nt; ++t) {
-    if (!term_rows(terms + 9 * t, j, p0, BM, tr)) continue;
-    if (tr.step > 1) {
-      Lane* lanes = reinterpret_cast<Lane*>(keep);
-      for (i64 il = tr.a; il <= tr.z; il += tr.step)
-        if (il < tr.ex_a || il > tr.ex_z) lanes[il] = static_cast<Lane>(-1);
-      continue;
+  for (int l = 0; l < W; ++l) iota[l] = static_cast<Lane>(l);
+  for (i64 c = 0; c < size / W; ++c) keep[c] = I{};
+  auto add = [&](i64 a, i64 z, i64 ex_a, i64 ex_z) {
+    const I va = I{} + static_cast<Lane>(a), vz = I{} + static_cast<Lane>(z);
+    const I vea = I{} + static_cast<Lane>(ex_a), vez = I{} + static_cast<Lane>(ex_z);
+    for (i64 c = a / W; c <= z / W; ++c) {
+      const I i = iota + static_cast<Lane>(c * W);
+      keep[c] |= (I)((i >= va) & (i <= vz) & ((i < vea) | (i > vez)));
     }
-    const I va = I{} + static_cast<Lane>(tr.a), vz = I{} + static_cast<Lane>(tr.z);
-    const I vea = I{} + static_cast<Lane>(tr.ex_a), vez = I{} + static_cast<Lane>(tr.ex_z);
-    for (i64 c = 0; c < BM / W; ++c) {
-      const I il = iota + static_cast<Lane>(c * W);
-      keep[c] |= (I)((il >= va) & (il <= vz) & ((il < vea) | (il > vez)));
+  };
+  TermSpan sp;
+  for (i64 t = 0; t < nt; ++t) {
+    if (!Of(terms + 9 * t, x, base, size, sp)) continue;
+    if (sp.step > 1) {
+      Lane* lanes = reinterpret_cast<Lane*>(keep);
+      for (i64 i = sp.a; i <= sp.z; i += sp.step) {
+        const i64 rem = sp.smod > 0 ? posmod(base + i, sp.smod) : 0;
+        const bool cols_ok = sp.smod == 0 || (rem >= sp.smin && rem <= sp.smax);
+        if (cols_ok && (i < sp.ex_a || i > sp.ex_z)) lanes[i] = static_cast<Lane>(-1);
+      }
+    } else if (sp.smod == 0) {
+      add(sp.a, sp.z, sp.ex_a, sp.ex_z);
+    } else {
+      // Periods [start + smin, start + smax] of the columns constraint, from the one holding a.
+      for (i64 st = sp.a - posmod(base + sp.a - sp.smin, sp.smod); st <= sp.z; st += sp.smod)
+        add(imax(st, sp.a), imin(st + sp.smax - sp.smin, sp.z), sp.ex_a, sp.ex_z);
     }
   }
   const Vec<T> ninf = vset<T>(neg_inf<T>());
-  for (i64 c = 0; c < BM / W; ++c) vst(s + c * W, vsel<T>(keep[c], vld(s + c * W), ninf));
+  for (i64 c = 0; c < size / W; ++c) vst(s + c * W, vsel<T>(keep[c], vld(s + c * W), ninf));
 }
 
 // Rows [j0, j0 + BN) of an [n, D] matrix (element strides sn, sd) as a row-major block: the
@@ -417,8 +432,8 @@ void mask_partial_row(const SparseArgs& a, i64 c, i64 tile, i64 qb, i64 kb, i64 
     for (i64 il = 0; il < a.BM; ++il)
       if (!t[il * a.BN]) s[il] = neg_inf<T>();
   } else {
-    apply_terms<T>(a.terms + c * a.num_terms * 9, a.num_terms, kb * a.BN + jj,
-                   a.q_offset + qb * a.BM, a.BM, s, keep);
+    apply_terms<T, term_rows>(a.terms + c * a.num_terms * 9, a.num_terms, kb * a.BN + jj,
+                              a.q_offset + qb * a.BM, a.BM, s, keep);
   }
 }
 
@@ -467,8 +482,8 @@ inline void tile_hulls(const SparseArgs& a, const uint8_t* km, const LayoutRow& 
       while (lo[jj] < BM && !col[lo[jj] * a.BN]) ++lo[jj];
       while (hi[jj] >= lo[jj] && !col[hi[jj] * a.BN]) --hi[jj];
     } else if (partial) {
-      term_hull(a.terms + c * a.num_terms * 9, a.num_terms, kb * a.BN + jj,
-                a.q_offset + qb * a.BM, a.BM, lo[jj], hi[jj]);
+      term_hull<term_rows>(a.terms + c * a.num_terms * 9, a.num_terms, kb * a.BN + jj,
+                           a.q_offset + qb * a.BM, a.BM, lo[jj], hi[jj]);
     }
   }
 }
@@ -539,14 +554,8 @@ void sparse_forward_impl(const SparseArgs& a) {
 // blocks, so K and V are transposed once per key block and Q and dO are read in place. Its
 // masks are the terms seen from a query: the keys each allows.
 
-// One packed term seen from query position p: the key columns jj (key j0 + jj, jj < BN) it
-// allows are [a, z] minus [ex_a, ex_z], stepping by `step` from a, and (smod > 0) only those
-// with smin <= j % smod <= smax.
-struct TermCols {
-  i64 a, z, ex_a, ex_z, step, smod, smin, smax;
-};
-
-inline bool term_cols(const int32_t* f, i64 p, i64 j0, i64 BN, TermCols& out) {
+// The span of key columns jj (key j0 + jj, jj < BN) that term f allows query position p.
+inline bool term_cols(const int32_t* f, i64 p, i64 j0, i64 BN, TermSpan& out) {
   const i64 lo = f[0], hi = f[1], mod = f[2], gq = f[3], gk = f[4], grel = f[5];
   const i64 smod = f[6], smin = f[7], smax = f[8];
   i64 a = imax(0, p - hi - j0), z = imin(BN - 1, p - lo - j0);  // lo <= p - j <= hi
@@ -578,60 +587,7 @@ inline bool term_cols(const int32_t* f, i64 p, i64 j0, i64 BN, TermCols& out) {
   return a <= z;
 }
 
-// Hull [lo, hi] of the key columns that an OR of terms [nt, 9] may allow for position p.
-inline void term_hull_row(const int32_t* terms, i64 nt, i64 p, i64 j0, i64 BN, int32_t& lo,
-                          int32_t& hi) {
-  i64 l = BN, h = -1;
-  TermCols tc;
-  for (i64 t = 0; t < nt; ++t)
-    if (term_cols(terms + 9 * t, p, j0, BN, tc)) {
-      l = imin(l, tc.a);
-      h = imax(h, tc.z);
-    }
-  lo = static_cast<int32_t>(l);
-  hi = static_cast<int32_t>(h);
-}
 
-// Hides the scores s [BN] (keys j0 + jj) of position p that no term allows: intervals (one per
-// period under a columns constraint) compared lane-wise, modulus terms one by one.
-template <class T>
-void apply_terms_row(const int32_t* terms, i64 nt, i64 p, i64 j0, i64 BN, T* s,
-                     typename VT<T>::I* keep) {
-  typedef typename VT<T>::I I;
-  typedef decltype(I{}[0]) Lane;
-  constexpr int W = VT<T>::W;
-  I iota;
-  for (int x = 0; x < W; ++x) iota[x] = static_cast<Lane>(x);
-  for (i64 c = 0; c < BN / W; ++c) keep[c] = I{};
-  auto add = [&](i64 a, i64 z, i64 ex_a, i64 ex_z) {
-    const I va = I{} + static_cast<Lane>(a), vz = I{} + static_cast<Lane>(z);
-    const I vea = I{} + static_cast<Lane>(ex_a), vez = I{} + static_cast<Lane>(ex_z);
-    for (i64 c = a / W; c <= z / W; ++c) {
-      const I jj = iota + static_cast<Lane>(c * W);
-      keep[c] |= (I)((jj >= va) & (jj <= vz) & ((jj < vea) | (jj > vez)));
-    }
-  };
-  TermCols tc;
-  for (i64 t = 0; t < nt; ++t) {
-    if (!term_cols(terms + 9 * t, p, j0, BN, tc)) continue;
-    if (tc.step > 1) {
-      Lane* lanes = reinterpret_cast<Lane*>(keep);
-      for (i64 jj = tc.a; jj <= tc.z; jj += tc.step) {
-        const i64 rem = tc.smod > 0 ? posmod(j0 + jj, tc.smod) : 0;
-        const bool cols_ok = tc.smod == 0 || (rem >= tc.smin && rem <= tc.smax);
-        if (cols_ok && (jj < tc.ex_a || jj > tc.ex_z)) lanes[jj] = static_cast<Lane>(-1);
-      }
-    } else if (tc.smod == 0) {
-      add(tc.a, tc.z, tc.ex_a, tc.ex_z);
-    } else {
-      // Periods [start + smin, start + smax] of the columns constraint, from the one holding a.
-      for (i64 st = tc.a - posmod(j0 + tc.a - tc.smin, tc.smod); st <= tc.z; st += tc.smod)
-        add(imax(st, tc.a), imin(st + tc.smax - tc.smin, tc.z), tc.ex_a, tc.ex_z);
-    }
-  }
-  const Vec<T> ninf = vset<T>(neg_inf<T>());
-  for (i64 c = 0; c < BN / W; ++c) vst(s + c * W, vsel<T>(keep[c], vld(s + c * W), ninf));
-}
 
 // Row-oriented tile (query block qb, key block kb): per query row il the hull [lo, hi] of its
 // possible keys (empty past n_q), and the pattern applied to the scores S [BM][BN].
@@ -650,8 +606,8 @@ inline void row_hulls(const SparseArgs& a, const LayoutRow& lr, i64 t, i64 c, i6
       while (lo[il] < BN && !row[lo[il]]) ++lo[il];
       while (hi[il] >= lo[il] && !row[hi[il]]) --hi[il];
     } else if (partial) {
-      term_hull_row(a.terms + c * a.num_terms * 9, a.num_terms, a.q_offset + qb * a.BM + il,
-                    kb * a.BN, a.BN, lo[il], hi[il]);
+      term_hull<term_cols>(a.terms + c * a.num_terms * 9, a.num_terms,
+                           a.q_offset + qb * a.BM + il, kb * a.BN, a.BN, lo[il], hi[il]);
     }
   }
 }
@@ -668,9 +624,9 @@ void mask_rows(const SparseArgs& a, const LayoutRow& lr, i64 t, i64 c, i64 qb, i
       for (i64 jj = 0; jj < a.BN; ++jj)
         if (!row[jj]) s[jj] = neg_inf<T>();
     } else if (partial) {
-      apply_terms_row<T>(a.terms + c * a.num_terms * 9, a.num_terms,
-                         a.q_offset + qb * a.BM + il, kb * a.BN, a.BN, s,
-                         reinterpret_cast<typename VT<T>::I*>(keep));
+      apply_terms<T, term_cols>(a.terms + c * a.num_terms * 9, a.num_terms,
+                                a.q_offset + qb * a.BM + il, kb * a.BN, a.BN, s,
+                                reinterpret_cast<typename VT<T>::I*>(keep));
     }
     if (colb)
       for (i64 jj = 0; jj < a.BN; jj += W) vst(s + jj, vld(s + jj) + vld(colb + jj));
