@@ -166,6 +166,21 @@ cpu::XlArgs xl_args(const py::dict& d) {
   return a;
 }
 
+// Binds one kernel of the table: (args dict) -> None, parsed with the GIL held, run without.
+template <class Args>
+void def_kernel(py::module_& m, const char* name, Args (*parse)(const py::dict&),
+                void (*cpu::Kernels::*kernel)(const Args&), const char* doc) {
+  m.def(
+      name,
+      [parse, kernel](const py::dict& d) {
+        const cpu::Kernels k = kernels_for(d);
+        const Args a = parse(d);
+        py::gil_scoped_release release;
+        (k.*kernel)(a);
+      },
+      py::arg("args"), doc);
+}
+
 }  // namespace
 
 int num_threads() {
@@ -190,42 +205,14 @@ void register_cpu(py::module_& m) {
         return names;
       },
       "Instruction sets of the CPU kernels that run here, the default (widest) first.");
-  m.def(
-      "cpu_sparse_forward",
-      [](const py::dict& d) {
-        const cpu::Kernels k = kernels_for(d);
-        const cpu::SparseArgs a = sparse_args(d);
-        py::gil_scoped_release release;
-        k.sparse_forward(a);
-      },
-      py::arg("args"), "Block-sparse attention forward of one plan part (see effattn.ops.cpu).");
-  m.def(
-      "cpu_sparse_backward",
-      [](const py::dict& d) {
-        const cpu::Kernels k = kernels_for(d);
-        const cpu::SparseArgs a = sparse_args(d);
-        py::gil_scoped_release release;
-        k.sparse_backward(a);
-      },
-      py::arg("args"), "Block-sparse attention backward of one plan part.");
-  m.def(
-      "cpu_xl_forward",
-      [](const py::dict& d) {
-        const cpu::Kernels k = kernels_for(d);
-        const cpu::XlArgs a = xl_args(d);
-        py::gil_scoped_release release;
-        k.xl_forward(a);
-      },
-      py::arg("args"), "Transformer-XL attention forward.");
-  m.def(
-      "cpu_xl_backward",
-      [](const py::dict& d) {
-        const cpu::Kernels k = kernels_for(d);
-        const cpu::XlArgs a = xl_args(d);
-        py::gil_scoped_release release;
-        k.xl_backward(a);
-      },
-      py::arg("args"), "Transformer-XL attention backward.");
+  def_kernel(m, "cpu_sparse_forward", &sparse_args, &cpu::Kernels::sparse_forward,
+             "Block-sparse attention forward of one plan part (see effattn.ops.cpu).");
+  def_kernel(m, "cpu_sparse_backward", &sparse_args, &cpu::Kernels::sparse_backward,
+             "Block-sparse attention backward of one plan part.");
+  def_kernel(m, "cpu_xl_forward", &xl_args, &cpu::Kernels::xl_forward,
+             "Transformer-XL attention forward.");
+  def_kernel(m, "cpu_xl_backward", &xl_args, &cpu::Kernels::xl_backward,
+             "Transformer-XL attention backward.");
 }
 
 }  // namespace effattn
