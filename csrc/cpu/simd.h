@@ -168,64 +168,16 @@ EFFATTN_VINLINE void transpose_block(const T* src, i64 ls, T mul, T* dst, i64 ld
 }
 
 // ------------------------------------------------------------------------------- GEMM tiles
-// C[R, NV*W] = A[R, K] * Bt[K, NV*W]; A row-major (lda), Bt row-major (ldb), C row-major (ldc).
-template <class T, int R, int NV>
-inline void tile_abt(const T* A, i64 lda, const T* Bt, i64 ldb, i64 K, T* C, i64 ldc) {
+// C[R, NV*W] (+)= sum_k A(r, k) B[k, NV*W] with A(r, k) = A[r * sa + k * sk] (so A or its
+// transpose), B row-major (ldb), C row-major (ldc); ACC adds to C, else C is overwritten.
+template <class T, int R, int NV, bool ACC>
+inline void tile(const T* A, i64 sa, i64 sk, const T* B, i64 ldb, i64 K, T* C, i64 ldc) {
   constexpr int W = VT<T>::W;
   Vec<T> acc[R][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) acc[r][v] = Vec<T>{};
-  for (i64 k = 0; k < K; ++k) {
-    Vec<T> b[NV];
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) b[v] = vld(Bt + k * ldb + v * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const T a = A[r * lda + k];
-#pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) vst(C + r * ldc + v * W, acc[r][v]);
-}
-
-// tile_abt with n vectors per row, 1 <= n <= NV.
-template <class T, int R, int NV>
-inline void tile_abt_n(int n, const T* A, i64 lda, const T* Bt, i64 ldb, i64 K, T* C, i64 ldc) {
-  if constexpr (NV > 1) {
-    if (n < NV) return tile_abt_n<T, R, NV - 1>(n, A, lda, Bt, ldb, K, C, ldc);
-  }
-  tile_abt<T, R, NV>(A, lda, Bt, ldb, K, C, ldc);
-}
-
-// C[M, N] = A[M, K] * Bt[K, N]; M a multiple of kRowsAbt, N of W.
-template <class T>
-void gemm_abt(i64 M, i64 N, i64 K, const T* A, i64 lda, const T* Bt, i64 ldb, T* C, i64 ldc) {
-  constexpr int W = VT<T>::W;
-  for (i64 i = 0; i < M; i += kRowsAbt) {
-    i64 j = 0;
-    for (; j + kVecsAbt * W <= N; j += kVecsAbt * W)
-      tile_abt<T, kRowsAbt, kVecsAbt>(A + i * lda, lda, Bt + j, ldb, K, C + i * ldc + j, ldc);
-    for (; j < N; j += W)
-      tile_abt<T, kRowsAbt, 1>(A + i * lda, lda, Bt + j, ldb, K, C + i * ldc + j, ldc);
-  }
-}
-
-// C[R, NV*W] += sum_k A(r, k) B[k, NV*W] with A(r, k) = A[r * sa + k * sk] (so A or its
-// transpose), B row-major (ldb), C row-major (ldc).
-template <class T, int R, int NV>
-inline void tile_ab(const T* A, i64 sa, i64 sk, const T* B, i64 ldb, i64 K, T* C, i64 ldc) {
-  constexpr int W = VT<T>::W;
-  Vec<T> acc[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) acc[r][v] = vld(C + r * ldc + v * W);
+    for (int v = 0; v < NV; ++v) acc[r][v] = ACC ? vld(C + r * ldc + v * W) : Vec<T>{};
   for (i64 k = 0; k < K; ++k) {
     Vec<T> b[NV];
 #pragma GCC unroll 16
@@ -243,15 +195,32 @@ inline void tile_ab(const T* A, i64 sa, i64 sk, const T* B, i64 ldb, i64 K, T* C
     for (int v = 0; v < NV; ++v) vst(C + r * ldc + v * W, acc[r][v]);
 }
 
-// The columns left after the full-width tiles: one tile of exactly `rest` vectors.
-template <class T, int R, int NV>
-inline void tile_ab_rest(int rest, const T* A, i64 sa, i64 sk, const T* B, i64 ldb, i64 K, T* C,
-                         i64 ldc) {
+// tile with n vectors per row, 1 <= n <= NV (none when NV = 0), n known at run time.
+template <class T, int R, int NV, bool ACC>
+inline void tile_n(int n, const T* A, i64 sa, i64 sk, const T* B, i64 ldb, i64 K, T* C,
+                   i64 ldc) {
   if constexpr (NV > 0) {
-    if (rest == NV)
-      tile_ab<T, R, NV>(A, sa, sk, B, ldb, K, C, ldc);
-    else
-      tile_ab_rest<T, R, NV - 1>(rest, A, sa, sk, B, ldb, K, C, ldc);
+    if (n < NV) return tile_n<T, R, NV - 1, ACC>(n, A, sa, sk, B, ldb, K, C, ldc);
+    tile<T, R, NV, ACC>(A, sa, sk, B, ldb, K, C, ldc);
+  }
+}
+
+// C[R, NV*W] = A[R, K] * Bt[K, NV*W]; A row-major (lda), Bt row-major (ldb), C row-major (ldc).
+template <class T, int R, int NV>
+inline void tile_abt(const T* A, i64 lda, const T* Bt, i64 ldb, i64 K, T* C, i64 ldc) {
+  tile<T, R, NV, false>(A, lda, 1, Bt, ldb, K, C, ldc);
+}
+
+// C[M, N] = A[M, K] * Bt[K, N]; M a multiple of kRowsAbt, N of W.
+template <class T>
+void gemm_abt(i64 M, i64 N, i64 K, const T* A, i64 lda, const T* Bt, i64 ldb, T* C, i64 ldc) {
+  constexpr int W = VT<T>::W;
+  for (i64 i = 0; i < M; i += kRowsAbt) {
+    i64 j = 0;
+    for (; j + kVecsAbt * W <= N; j += kVecsAbt * W)
+      tile_abt<T, kRowsAbt, kVecsAbt>(A + i * lda, lda, Bt + j, ldb, K, C + i * ldc + j, ldc);
+    for (; j < N; j += W)
+      tile_abt<T, kRowsAbt, 1>(A + i * lda, lda, Bt + j, ldb, K, C + i * ldc + j, ldc);
   }
 }
 
@@ -265,9 +234,9 @@ void gemm_ab(i64 M, i64 N, i64 K, const T* A, i64 sa, i64 sk, const T* B, i64 ld
     T* Ci = C + i * ldc;
     i64 j = 0;
     for (; j + kVecsAb * W <= N; j += kVecsAb * W)
-      tile_ab<T, kRowsAb, kVecsAb>(Ai, sa, sk, B + j, ldb, K, Ci + j, ldc);
+      tile<T, kRowsAb, kVecsAb, true>(Ai, sa, sk, B + j, ldb, K, Ci + j, ldc);
     if (j < N)
-      tile_ab_rest<T, kRowsAb, kVecsAb - 1>(static_cast<int>((N - j) / W), Ai, sa, sk, B + j,
+      tile_n<T, kRowsAb, kVecsAb - 1, true>(static_cast<int>((N - j) / W), Ai, sa, sk, B + j,
                                             ldb, K, Ci + j, ldc);
   }
 }
@@ -302,8 +271,8 @@ void gemm_abt_hull(i64 M, i64 N, i64 K, const T* A, i64 lda, const T* Bt, i64 ld
       while (v0 <= v1 && skip(j + v0 * W, W)) ++v0;
       while (v1 > v0 && skip(j + v1 * W, W)) --v1;
       if (v0 <= v1)
-        tile_abt_n<T, kRowsAbt, kVecsAbt>(v1 - v0 + 1, A + i * lda, lda, Bt + j + v0 * W, ldb, K,
-                                          C + i * ldc + j + v0 * W, ldc);
+        tile_n<T, kRowsAbt, kVecsAbt, false>(v1 - v0 + 1, A + i * lda, lda, 1, Bt + j + v0 * W,
+                                             ldb, K, C + i * ldc + j + v0 * W, ldc);
     }
     for (; j < N; j += W)
       if (!skip(j, W))
@@ -325,9 +294,9 @@ void gemm_ab_ranged(i64 M, i64 N, const T* A, i64 sa, i64 sk, const T* B, i64 ld
     T* Ci = C + i * ldc;
     i64 j = 0;
     for (; j + kVecsAb * W <= N; j += kVecsAb * W)
-      tile_ab<T, kRowsAb, kVecsAb>(Ai, sa, sk, Bk + j, ldb, K, Ci + j, ldc);
+      tile<T, kRowsAb, kVecsAb, true>(Ai, sa, sk, Bk + j, ldb, K, Ci + j, ldc);
     if (j < N)
-      tile_ab_rest<T, kRowsAb, kVecsAb - 1>(static_cast<int>((N - j) / W), Ai, sa, sk, Bk + j,
+      tile_n<T, kRowsAb, kVecsAb - 1, true>(static_cast<int>((N - j) / W), Ai, sa, sk, Bk + j,
                                             ldb, K, Ci + j, ldc);
   }
 }
