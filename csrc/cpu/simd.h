@@ -224,21 +224,24 @@ void gemm_abt(i64 M, i64 N, i64 K, const T* A, i64 lda, const T* Bt, i64 ldb, T*
   }
 }
 
+// C[kRowsAb, N] += A(kRowsAb, K) * B[K, N] (A(r, k) = A[r * sa + k * sk]); N a multiple of W.
+template <class T>
+EFFATTN_VINLINE void rows_ab(i64 N, i64 K, const T* A, i64 sa, i64 sk, const T* B, i64 ldb, T* C,
+                             i64 ldc) {
+  constexpr int W = VT<T>::W;
+  i64 j = 0;
+  for (; j + kVecsAb * W <= N; j += kVecsAb * W)
+    tile<T, kRowsAb, kVecsAb, true>(A, sa, sk, B + j, ldb, K, C + j, ldc);
+  if (j < N)
+    tile_n<T, kRowsAb, kVecsAb - 1, true>(static_cast<int>((N - j) / W), A, sa, sk, B + j, ldb,
+                                          K, C + j, ldc);
+}
+
 // C[M, N] += A(M, K) * B[K, N]; M a multiple of kRowsAb, N of W.
 template <class T>
 void gemm_ab(i64 M, i64 N, i64 K, const T* A, i64 sa, i64 sk, const T* B, i64 ldb, T* C,
              i64 ldc) {
-  constexpr int W = VT<T>::W;
-  for (i64 i = 0; i < M; i += kRowsAb) {
-    const T* Ai = A + i * sa;
-    T* Ci = C + i * ldc;
-    i64 j = 0;
-    for (; j + kVecsAb * W <= N; j += kVecsAb * W)
-      tile<T, kRowsAb, kVecsAb, true>(Ai, sa, sk, B + j, ldb, K, Ci + j, ldc);
-    if (j < N)
-      tile_n<T, kRowsAb, kVecsAb - 1, true>(static_cast<int>((N - j) / W), Ai, sa, sk, B + j,
-                                            ldb, K, Ci + j, ldc);
-  }
+  for (i64 i = 0; i < M; i += kRowsAb) rows_ab(N, K, A + i * sa, sa, sk, B, ldb, C + i * ldc, ldc);
 }
 
 // ------------------------------------------------------------------------------- masked tiles
@@ -285,20 +288,10 @@ void gemm_abt_hull(i64 M, i64 N, i64 K, const T* A, i64 lda, const T* Bt, i64 ld
 template <class T>
 void gemm_ab_ranged(i64 M, i64 N, const T* A, i64 sa, i64 sk, const T* B, i64 ldb, T* C,
                     i64 ldc, const int32_t* klo, const int32_t* khi) {
-  constexpr int W = VT<T>::W;
-  for (i64 i = 0, t = 0; i < M; i += kRowsAb, ++t) {
-    if (klo[t] > khi[t]) continue;
-    const i64 k0 = klo[t], K = khi[t] - klo[t] + 1;
-    const T* Ai = A + i * sa + k0 * sk;
-    const T* Bk = B + k0 * ldb;
-    T* Ci = C + i * ldc;
-    i64 j = 0;
-    for (; j + kVecsAb * W <= N; j += kVecsAb * W)
-      tile<T, kRowsAb, kVecsAb, true>(Ai, sa, sk, Bk + j, ldb, K, Ci + j, ldc);
-    if (j < N)
-      tile_n<T, kRowsAb, kVecsAb - 1, true>(static_cast<int>((N - j) / W), Ai, sa, sk, Bk + j,
-                                            ldb, K, Ci + j, ldc);
-  }
+  for (i64 i = 0, t = 0; i < M; i += kRowsAb, ++t)
+    if (klo[t] <= khi[t])
+      rows_ab(N, khi[t] - klo[t] + 1, A + i * sa + klo[t] * sk, sa, sk, B + klo[t] * ldb, ldb,
+              C + i * ldc, ldc);
 }
 
 // Per tile of kRowsAb rows, the union of the rows' ranges [lo[r], hi[r]].
