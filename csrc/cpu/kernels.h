@@ -19,30 +19,22 @@ namespace cpu {
 
 enum Dtype : int { kFloat32 = 0, kFloat64 = 1 };
 
-// Block-sparse attention over one part of a plan (see effattn/ops/torch_sparse.py for the
-// contract). Tensors are [B, H, N, D] with element strides {b, h, n, d}; outputs, lse and delta
-// are in the accumulation dtype, contiguous but for the forward's out and lse.
-struct SparseArgs {
+// What every attention kernel takes: q [B, H, n_q, D], k / v [B, Hkv, n_k, D] with element
+// strides {b, h, n, d}, the forward's outputs out and lse, and the backward's inputs (dout
+// strided; lse_in and delta contiguous [B, H, n_q], in the accumulation dtype) and outputs
+// dq, dk, dv (contiguous, shaped like q, k, v).
+struct AttentionArgs {
   int dtype = kFloat32;
   int threads = 1;
-  int64_t B = 0, H = 0, Hkv = 0, n_q = 0, n_k = 0, D = 0;
+  int64_t B = 0, H = 0, Hkv = 0, D = 0;
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
   int64_t sq[4] = {}, sk[4] = {}, sv[4] = {};
   double scale = 1.0;
-  // bool [B, H, n_k] through strides (0 on broadcast dims), true = the key is hidden.
-  const uint8_t* key_mask = nullptr;
-  int64_t skm[3] = {};
-  // Forward outputs: out [B, H, n_q, D] (element strides {b, h, n}, unit along D) and lse
-  // [B, H, n_q] (strides {b, h, n}; natural log, -inf for empty rows). With `resume` they hold
-  // on entry the result over a disjoint set of keys, which the kernel extends to the union.
+  int64_t BM = 64, BN = 64;
   void* out = nullptr;
   void* lse = nullptr;
-  int64_t so[3] = {}, sl[3] = {};
-  bool resume = false;
-  // Backward inputs (dout strided; lse_in, delta contiguous [B, H, n_q]) and outputs
-  // dq [B, H, n_q, D], dk / dv [B, Hkv, n_k, D].
   const void* dout = nullptr;
   int64_t sdo[4] = {};
   const void* lse_in = nullptr;
@@ -50,8 +42,22 @@ struct SparseArgs {
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
+};
+
+// Block-sparse attention over one part of a plan (see effattn/ops/torch_sparse.py for the
+// contract), n_q queries over n_k keys. Outputs, lse and delta are in the accumulation dtype;
+// out [B, H, n_q, D] has element strides so {b, h, n} (unit along D), lse [B, H, n_q] strides
+// sl (natural log, -inf for empty rows). With `resume` they hold on entry the result over a
+// disjoint set of keys, which the kernel extends to the union.
+struct SparseArgs : AttentionArgs {
+  int64_t n_q = 0, n_k = 0;
+  // bool [B, H, n_k] through strides (0 on broadcast dims), true = the key is hidden.
+  const uint8_t* key_mask = nullptr;
+  int64_t skm[3] = {};
+  int64_t so[3] = {}, sl[3] = {};
+  bool resume = false;
   // Block layout (effattn.patterns.BlockLayout), int32 contiguous; *_w are the row widths.
-  int64_t q_offset = 0, BM = 64, BN = 64, P = 1, nqb = 0, nkb = 0;
+  int64_t q_offset = 0, P = 1, nqb = 0, nkb = 0;
   const int32_t* kv_full_num = nullptr;
   const int32_t* kv_full_idx = nullptr;
   const int32_t* kv_part_num = nullptr;
@@ -71,31 +77,14 @@ struct SparseArgs {
 };
 
 // Transformer-XL relative attention (DESIGN.md): q [B, H, L, D], k / v [B, Hkv, N, D] with
-// N = M + L, r [H, R, D] by distance (clamped at R - 1), u / vb [H, D]; window 0 = none.
-struct XlArgs {
-  int dtype = kFloat32;
-  int threads = 1;
-  int64_t B = 0, H = 0, Hkv = 0, L = 0, N = 0, D = 0, R = 0, window = 0;
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
+// N = M + L, r [H, R, D] by distance (clamped at R - 1), u / vb [H, D]; window 0 = none. out,
+// lse and the backward's extra outputs dr [H, R, D], du / dvb [H, D] are contiguous.
+struct XlArgs : AttentionArgs {
+  int64_t L = 0, N = 0, R = 0, window = 0;
   const void* r = nullptr;
   const void* u = nullptr;
   const void* vb = nullptr;
-  int64_t sq[4] = {}, sk[4] = {}, sv[4] = {}, sr[3] = {}, su[2] = {}, svb[2] = {};
-  double scale = 1.0;
-  int64_t BM = 64, BN = 64;
-  void* out = nullptr;
-  void* lse = nullptr;
-  const void* dout = nullptr;
-  int64_t sdo[4] = {};
-  const void* lse_in = nullptr;
-  const void* delta = nullptr;
-  // Backward outputs, contiguous: dq [B, H, L, D], dk / dv [B, Hkv, N, D], dr [H, R, D],
-  // du / dvb [H, D].
-  void* dq = nullptr;
-  void* dk = nullptr;
-  void* dv = nullptr;
+  int64_t sr[3] = {}, su[2] = {}, svb[2] = {};
   void* dr = nullptr;
   void* du = nullptr;
   void* dvb = nullptr;

@@ -65,15 +65,13 @@ cpu::Kernels kernels_for(const py::dict& d) {
   return k;
 }
 
-cpu::SparseArgs sparse_args(const py::dict& d) {
-  cpu::SparseArgs a;
+// The fields every kernel takes (absent outputs and backward inputs stay null).
+void attention_args(const py::dict& d, cpu::AttentionArgs& a) {
   a.dtype = static_cast<int>(get_int(d, "dtype"));
   a.threads = static_cast<int>(std::max<int64_t>(1, get_int(d, "threads")));
   a.B = get_int(d, "B");
   a.H = get_int(d, "H");
   a.Hkv = get_int(d, "Hkv");
-  a.n_q = get_int(d, "n_q");
-  a.n_k = get_int(d, "n_k");
   a.D = get_int(d, "D");
   a.q = get_ptr<const void>(d, "q");
   a.k = get_ptr<const void>(d, "k");
@@ -82,15 +80,10 @@ cpu::SparseArgs sparse_args(const py::dict& d) {
   get_strides(d, "sk", a.sk, 4);
   get_strides(d, "sv", a.sv, 4);
   a.scale = d["scale"].cast<double>();
-  a.key_mask = get_ptr<const uint8_t>(d, "key_mask");
-  if (a.key_mask) get_strides(d, "skm", a.skm, 3);
+  a.BM = get_int(d, "BM");
+  a.BN = get_int(d, "BN");
   a.out = get_ptr<void>(d, "out");
   a.lse = get_ptr<void>(d, "lse");
-  if (a.out) {
-    get_strides(d, "so", a.so, 3);
-    get_strides(d, "sl", a.sl, 3);
-    a.resume = d.contains("resume") && d["resume"].cast<bool>();
-  }
   a.dout = get_ptr<const void>(d, "dout");
   if (a.dout) get_strides(d, "sdo", a.sdo, 4);
   a.lse_in = get_ptr<const void>(d, "lse_in");
@@ -98,9 +91,21 @@ cpu::SparseArgs sparse_args(const py::dict& d) {
   a.dq = get_ptr<void>(d, "dq");
   a.dk = get_ptr<void>(d, "dk");
   a.dv = get_ptr<void>(d, "dv");
+}
+
+cpu::SparseArgs sparse_args(const py::dict& d) {
+  cpu::SparseArgs a;
+  attention_args(d, a);
+  a.n_q = get_int(d, "n_q");
+  a.n_k = get_int(d, "n_k");
+  a.key_mask = get_ptr<const uint8_t>(d, "key_mask");
+  if (a.key_mask) get_strides(d, "skm", a.skm, 3);
+  if (a.out) {
+    get_strides(d, "so", a.so, 3);
+    get_strides(d, "sl", a.sl, 3);
+    a.resume = d.contains("resume") && d["resume"].cast<bool>();
+  }
   a.q_offset = get_int(d, "q_offset");
-  a.BM = get_int(d, "BM");
-  a.BN = get_int(d, "BN");
   a.P = get_int(d, "P");
   a.nqb = get_int(d, "nqb");
   a.nkb = get_int(d, "nkb");
@@ -126,40 +131,17 @@ cpu::SparseArgs sparse_args(const py::dict& d) {
 
 cpu::XlArgs xl_args(const py::dict& d) {
   cpu::XlArgs a;
-  a.dtype = static_cast<int>(get_int(d, "dtype"));
-  a.threads = static_cast<int>(std::max<int64_t>(1, get_int(d, "threads")));
-  a.B = get_int(d, "B");
-  a.H = get_int(d, "H");
-  a.Hkv = get_int(d, "Hkv");
+  attention_args(d, a);
   a.L = get_int(d, "L");
   a.N = get_int(d, "N");
-  a.D = get_int(d, "D");
   a.R = get_int(d, "R");
   a.window = get_int(d, "window", 0);
-  a.q = get_ptr<const void>(d, "q");
-  a.k = get_ptr<const void>(d, "k");
-  a.v = get_ptr<const void>(d, "v");
   a.r = get_ptr<const void>(d, "r");
   a.u = get_ptr<const void>(d, "u");
   a.vb = get_ptr<const void>(d, "vb");
-  get_strides(d, "sq", a.sq, 4);
-  get_strides(d, "sk", a.sk, 4);
-  get_strides(d, "sv", a.sv, 4);
   get_strides(d, "sr", a.sr, 3);
   get_strides(d, "su", a.su, 2);
   get_strides(d, "svb", a.svb, 2);
-  a.scale = d["scale"].cast<double>();
-  a.BM = get_int(d, "BM");
-  a.BN = get_int(d, "BN");
-  a.out = get_ptr<void>(d, "out");
-  a.lse = get_ptr<void>(d, "lse");
-  a.dout = get_ptr<const void>(d, "dout");
-  if (a.dout) get_strides(d, "sdo", a.sdo, 4);
-  a.lse_in = get_ptr<const void>(d, "lse_in");
-  a.delta = get_ptr<const void>(d, "delta");
-  a.dq = get_ptr<void>(d, "dq");
-  a.dk = get_ptr<void>(d, "dk");
-  a.dv = get_ptr<void>(d, "dv");
   a.dr = get_ptr<void>(d, "dr");
   a.du = get_ptr<void>(d, "du");
   a.dvb = get_ptr<void>(d, "dvb");
