@@ -193,6 +193,16 @@ def _check_state(state, q: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor
     return out, lse
 
 
+def _check_backward(q, dout, lse, delta) -> None:
+    """The backward's inputs beside q, k, v: dout shaped like q, lse and delta [B, H, n_q]."""
+    _check_tensor("dout", dout)
+    if dout.shape != q.shape:
+        raise ValueError(f"dout must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)}")
+    for name, t in (("lse", lse), ("delta", delta)):
+        if not isinstance(t, torch.Tensor) or t.shape != q.shape[:3]:
+            raise ValueError(f"{name} must be a tensor of shape {tuple(q.shape[:3])}")
+
+
 def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None, state=None):
     """Block-sparse attention forward of one plan part.
 
@@ -245,12 +255,7 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
         dq [B, H, n_q, D], dk and dv [B, Hkv, n_k, D], in the inputs' dtypes.
     """
     check(q, k, v)
-    _check_tensor("dout", dout)
-    if dout.shape != q.shape:
-        raise ValueError(f"dout must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)}")
-    for name, t in (("lse", lse), ("delta", delta)):
-        if not isinstance(t, torch.Tensor) or t.shape != q.shape[:3]:
-            raise ValueError(f"{name} must be a tensor of shape {tuple(q.shape[:3])}")
+    _check_backward(q, dout, lse, delta)
     b, h, n_q, d = q.shape
     acc = _acc(q.dtype)
     # The kernel writes every element.
@@ -354,12 +359,7 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
         (dq, dk, dv, dr, du, dvb) shaped and typed like q, k, v, r, u, vb.
     """
     _check_xl(q, k, v, r, u, vb, window)
-    _check_tensor("dout", dout)
-    if dout.shape != q.shape:
-        raise ValueError(f"dout must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)}")
-    for name, t in (("lse", lse), ("delta", delta)):
-        if not isinstance(t, torch.Tensor) or t.shape != q.shape[:3]:
-            raise ValueError(f"{name} must be a tensor of shape {tuple(q.shape[:3])}")
+    _check_backward(q, dout, lse, delta)
     acc = _acc(q.dtype)
     grads = [torch.zeros(t.shape, dtype=acc) for t in (q, k, v, r, u, vb)]
     if q.numel():
