@@ -146,8 +146,8 @@ def test_sparse_vs_reference(pattern, small_blocks):
 @pytest.mark.parametrize("causal", [True, False])
 def test_strided_chunks_as_heads(causal, small_blocks, monkeypatch):
     """n_q == n_k a multiple of the stride, no key mask, no GQA: the column part runs its
-    chunks as extra heads on views of q, k, v (functional._fold), forward (continuing the band
-    part's softmax on views of its out and lse) and backward (on views of dout, lse, delta and
+    chunks as extra heads on views of q, k, v (functional._fold), forward (joining its result
+    into the band part's on views of its out and lse) and backward (on views of dout, lse, delta and
     the gradients), m = 20 rows per chunk (not a multiple of the block); output, lse and
     gradients against the reference in fp64 and fp32."""
     pattern = patterns.strided(16, causal=causal)
