@@ -2,7 +2,7 @@
 
 ``sparse_attention`` runs a pattern as the parts of its plan (:mod:`effattn.decompose`) on one
 backend's block-sparse kernels and merges them by log-sum-exp (a backend with ``RESUMES`` lets
-the strided column part join its result into the band part's in its kernel instead); the backward
+each later part join its result into the earlier parts' in its kernel instead); the backward
 hands every part the merged LSE and delta, so each part's gradients are its share of the full
 softmax. Both directions are ``torch.library`` custom ops, so ``torch.compile`` traces them
 without graph breaks and, the op being opaque, without specializing on the sequence length.
@@ -226,10 +226,11 @@ def _run_forward(q, k, v, kpm, pattern: Pattern, scale: float, backend: str):
     b, h, n_q, d = q.shape
     out = lse = None
     for part in parts:
+        # A backend that resumes joins each later part's result into (out, lse) in its kernel.
+        resumes = out is not None and getattr(kern, "RESUMES", False) and out.dtype == _acc(q)
         if out is not None and _foldable(part, q, k, v, kpm):
             qf, kf, vf = (_fold(part, t) for t in (q, k, v))
-            if getattr(kern, "RESUMES", False) and out.dtype == _acc(q):
-                # The chunks join their result into the earlier parts' on views of (out, lse).
+            if resumes:
                 state = (_fold(part, out), _fold(part, lse))
                 kern.sparse_forward(qf, kf, vf, part.folded.layout_for, scale=scale, state=state)
                 continue
@@ -244,6 +245,11 @@ def _run_forward(q, k, v, kpm, pattern: Pattern, scale: float, backend: str):
             out, lse = out5.reshape(b, h, n_q, d), lse5.reshape(b, h, n_q)
             continue
         qp, kp, vp, km = _gather_part(part, q, k, v, kpm)
+        if resumes and part.chunk is None:  # query rows in their original order
+            kern.sparse_forward(
+                qp, kp, vp, part.layout_for, scale=scale, key_mask=km, state=(out, lse)
+            )
+            continue
         o, part_lse = kern.sparse_forward(qp, kp, vp, part.layout_for, scale=scale, key_mask=km)
         o = _part_rows(part, o, q.shape[2], k.shape[2])
         part_lse = _part_rows(part, part_lse, q.shape[2], k.shape[2])

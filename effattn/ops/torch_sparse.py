@@ -18,7 +18,7 @@ part of a plan, see :mod:`effattn.decompose`):
         zero row when a query has no visible key.
     Optional: a backend with ``RESUMES = True`` takes ``sparse_forward(..., state=(out, lse))``,
         views in the accumulation dtype holding the result over a disjoint set of keys, which
-        it extends to the union in place (the strided column part then needs no merge).
+        it extends to the union in place (the plan's later parts then need no merge).
     sparse_backward(dout, lse, delta) with the *merged* lse and delta = rowsum(dout * out) - dlse of
         the whole plan: probabilities are exp(s - lse), so each part's gradients are its share
         of the full softmax's; rows whose lse is +-inf contribute nothing.
