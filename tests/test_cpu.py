@@ -429,6 +429,30 @@ def test_sparse_forward_resumes_state(dtype, small_blocks):
         torch.testing.assert_close(lse, want_lse, **tol)
 
 
+def test_fixed_summary_part_joins_in_kernel(monkeypatch, small_blocks):
+    """The fixed plan's summary-column part keeps the query rows in order, so it joins its
+    result into the window part's (out, lse) in the kernel (state) instead of a merge; with
+    key padding and GQA, fp64 against the reference."""
+    pattern = patterns.fixed(32, 4)
+    n = 150
+    assert len(plan(pattern, n, n, 16, 16)) == 2, "the test should run a two-part plan"
+    states = []
+
+    def spy(*args, state=None, **kwargs):
+        states.append(state is not None)
+        return sparse_forward(*args, state=state, **kwargs)
+
+    sparse_forward = cpu.sparse_forward
+    monkeypatch.setattr(cpu, "sparse_forward", spy)
+    kpm = _padding(2, n)
+    inputs = list(_qkv(2, 4, 2, n, n, 24, seed=3))
+    out, lse = _sparse(pattern, kpm, "cpu")(*inputs)
+    assert states == [False, True]
+    want_out, want_lse = _sparse(pattern, kpm, "reference")(*inputs)
+    torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-10, atol=1e-11)
+
+
 # --------------------------------------------------------------------------- errors
 def test_errors():
     q, k, v = _qkv(1, 2, 2, 20, 20, 16, dtype=torch.float32)
