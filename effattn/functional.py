@@ -226,15 +226,22 @@ def _run_forward(q, k, v, kpm, pattern: Pattern, scale: float, backend: str):
     b, h, n_q, d = q.shape
     out = lse = None
     for part in parts:
-        # A backend that resumes joins each later part's result into (out, lse) in its kernel.
-        resumes = out is not None and getattr(kern, "RESUMES", False) and out.dtype == _acc(q)
-        if out is not None and _foldable(part, q, k, v, kpm):
-            qf, kf, vf = (_fold(part, t) for t in (q, k, v))
-            if resumes:
-                state = (_fold(part, out), _fold(part, lse))
-                kern.sparse_forward(qf, kf, vf, part.folded.layout_for, scale=scale, state=state)
-                continue
-            o, part_lse = kern.sparse_forward(qf, kf, vf, part.folded.layout_for, scale=scale)
+        fold = out is not None and _foldable(part, q, k, v, kpm)
+        if fold:
+            qp, kp, vp = (_fold(part, t) for t in (q, k, v))
+            km = None
+            layout_for = part.folded.layout_for
+        else:
+            qp, kp, vp, km = _gather_part(part, q, k, v, kpm)
+            layout_for = part.layout_for
+        joins = fold or part.chunk is None  # the part's rows are views of out's rows
+        if out is not None and joins and getattr(kern, "RESUMES", False) and out.dtype == _acc(q):
+            # The backend joins this part's result into (out, lse) in its kernel.
+            state = tuple(_fold(part, t) for t in (out, lse)) if fold else (out, lse)
+            kern.sparse_forward(qp, kp, vp, layout_for, scale=scale, key_mask=km, state=state)
+            continue
+        o, part_lse = kern.sparse_forward(qp, kp, vp, layout_for, scale=scale, key_mask=km)
+        if fold:
             m_rows = part.n_q // part.chunk
             out5, lse5 = _merge(
                 out.view(b, h, m_rows, part.chunk, d),
@@ -244,13 +251,6 @@ def _run_forward(q, k, v, kpm, pattern: Pattern, scale: float, backend: str):
             )
             out, lse = out5.reshape(b, h, n_q, d), lse5.reshape(b, h, n_q)
             continue
-        qp, kp, vp, km = _gather_part(part, q, k, v, kpm)
-        if resumes and part.chunk is None:  # query rows in their original order
-            kern.sparse_forward(
-                qp, kp, vp, part.layout_for, scale=scale, key_mask=km, state=(out, lse)
-            )
-            continue
-        o, part_lse = kern.sparse_forward(qp, kp, vp, part.layout_for, scale=scale, key_mask=km)
         o = _part_rows(part, o, q.shape[2], k.shape[2])
         part_lse = _part_rows(part, part_lse, q.shape[2], k.shape[2])
         if out is None:

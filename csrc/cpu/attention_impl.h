@@ -241,8 +241,8 @@ const T* rows_block(const T* src, i64 sn, i64 sd, i64 n, i64 D, i64 Dp, i64 j0, 
 template <class T>
 void pack_t(const T* src, i64 sn, i64 sd, i64 rows, i64 D, i64 BM, T mul, T* dst) {
   constexpr int W = VT<T>::W;
-  // W rows at a time, whole W x W blocks in registers: rows far apart alias in the caches, so
-  // each row is best read once, from start to end.
+  // W rows at a time, in W x W blocks transposed in registers; the rest element by element.
+  // Every element is read once: rows far apart alias in the caches.
   const i64 rv = sd == 1 ? rows / W * W : 0, dv = D / W * W;
   for (i64 r = 0; r < rv; r += W) {
     for (i64 d = 0; d < dv; d += W)
@@ -545,7 +545,7 @@ void sparse_forward_impl(const SparseArgs& a) {
       ranges_by_cols(BM, BN, lo, hi, klo, khi);
       gemm_ab_ranged<T>(BM, Dp, St, 1, BM, vr, ldv, acc, Dp, klo, khi);
     }
-    finalize_rows<T>(rows, D, Dp, acc, m, l, out, a.so[2], lse, a.sl[2], a.resume);
+    finalize_rows<T>(rows, D, Dp, acc, m, l, out, a.so[2], lse, a.sl[2], a.join);
   };
   run_parallel(a.B * a.H * a.nqb, a.threads, body);
 }

@@ -47,7 +47,7 @@ struct AttentionArgs {
 // Block-sparse attention over one part of a plan (see effattn/ops/torch_sparse.py for the
 // contract), n_q queries over n_k keys. Outputs, lse and delta are in the accumulation dtype;
 // out [B, H, n_q, D] has element strides so {b, h, n} (unit along D), lse [B, H, n_q] strides
-// sl (natural log, -inf for empty rows). With `resume` they hold on entry the result over a
+// sl (natural log, -inf for empty rows). With `join` they hold on entry the result over a
 // disjoint set of keys, which the kernel extends to the union.
 struct SparseArgs : AttentionArgs {
   int64_t n_q = 0, n_k = 0;
@@ -55,7 +55,7 @@ struct SparseArgs : AttentionArgs {
   const uint8_t* key_mask = nullptr;
   int64_t skm[3] = {};
   int64_t so[3] = {}, sl[3] = {};
-  bool resume = false;
+  bool join = false;
   // Block layout (effattn.patterns.BlockLayout), int32 contiguous; *_w are the row widths.
   int64_t q_offset = 0, P = 1, nqb = 0, nkb = 0;
   const int32_t* kv_full_num = nullptr;

@@ -103,7 +103,7 @@ cpu::SparseArgs sparse_args(const py::dict& d) {
   if (a.out) {
     get_strides(d, "so", a.so, 3);
     get_strides(d, "sl", a.sl, 3);
-    a.resume = d.contains("resume") && d["resume"].cast<bool>();
+    a.join = d.contains("join") && d["join"].cast<bool>();
   }
   a.q_offset = get_int(d, "q_offset");
   a.P = get_int(d, "P");

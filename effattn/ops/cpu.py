@@ -43,7 +43,7 @@ XL_BLOCK_M = 64
 XL_BLOCK_N = 64
 
 RESUMES = True
-"""sparse_forward takes ``state``: a part continues another's online softmax (no merge)."""
+"""sparse_forward takes ``state``: a part joins its result into another's (no merge)."""
 
 ISA: str | None = None
 """Instruction set of the kernels: None for the widest this CPU runs (see :func:`isas`)."""
@@ -235,7 +235,7 @@ def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None, state=Non
         km_args, keep_km = _key_mask_args(key_mask, b, h, k.shape[2])
         args = _common(qc, kc, vc)
         args.update(lay_args, **km_args, n_q=n_q, n_k=k.shape[2], scale=float(scale))
-        args.update(out=out.data_ptr(), so=list(out.stride()[:3]), resume=state is not None)
+        args.update(out=out.data_ptr(), so=list(out.stride()[:3]), join=state is not None)
         args.update(lse=lse.data_ptr(), sl=list(lse.stride()))
         _ext().cpu_sparse_forward(args)
         del keep, keep_km
