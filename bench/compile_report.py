@@ -180,7 +180,7 @@ def _nvcc_one(nvcc: str, src: Path, archs) -> tuple[Path, int, str]:
     with tempfile.TemporaryDirectory() as d:
         cmd = [nvcc, "-c", str(src), "-o", os.path.join(d, "k.o"), "-I", str(ROOT / "csrc")]
         cmd += [*NVCC_FLAGS, "-Xptxas", "-v", *gencode]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     return src, res.returncode, res.stdout + res.stderr
 
 

@@ -454,6 +454,7 @@ def _compile_in_subprocess(calls: list[dict]) -> list[tuple[str, Any]]:
             env=env,
             capture_output=True,
             text=True,
+            timeout=900,  # a whole config sweep takes ~1 min on 2 cores; a hung compiler fails
         )
         if res.returncode != 0 or not out.exists():
             raise AOTError(

@@ -222,7 +222,7 @@ def emu():
             "-o",
             str(tmp),
         ]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
         if res.returncode:
             pytest.fail(f"building the emulator failed:\n{res.stderr[-4000:]}")
         os.replace(tmp, target)

@@ -11,13 +11,13 @@ every backend implements; one test runs backend="auto".
 
 import copy
 import gc
-import os
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from distributed_workers import run_workers
 from torch import nn
 
 from effattn import patterns as P
@@ -586,30 +586,21 @@ def _train(model, batches, world=1, rank=0):
         opt.step()
 
 
-def _ddp_worker(rank, world, init_file, out_dir):
-    import torch.distributed as dist
+def _ddp_worker(rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = DDP(_ddp_model())
-        _train(model, _ddp_data(), world, rank)
-        torch.save(model.module.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    model = DDP(_ddp_model())
+    _train(model, _ddp_data(), world, rank)
+    return model.module.state_dict()
 
 
-def test_ddp_gloo_two_processes_match_single_process(tmp_path):
+def test_ddp_gloo_two_processes_match_single_process():
     """DDP averages the two half-batch gradients = the full-batch mean gradient (fp64)."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    results = run_workers(_ddp_worker, 2)
     single = _ddp_model()
     _train(single, _ddp_data())
     want = single.state_dict()
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, got in enumerate(results):
         for name, w in want.items():
             assert torch.allclose(got[name], w, atol=1e-12), (rank, name)
 
