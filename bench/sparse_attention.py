@@ -57,14 +57,14 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # --------------------------------------------------------------------------- cases
 def flex_mask_mod(pattern):
     """FlexAttention mask_mod with the pattern's element definition (self-attention, n_q = n_k)."""
-    kind = pattern.kind
+    kind = getattr(pattern, "kind", None)
     if pattern.name == "causal()":
         return lambda b, h, i, j: j <= i
-    if kind is not None and kind[0] == "strided" and kind[2]:
-        l = kind[1]
+    if isinstance(kind, patterns.Strided) and kind.causal:
+        l = kind.stride
         return lambda b, h, i, j: (j <= i) & ((i - j < l) | ((i - j) % l == 0))
-    if kind is not None and kind[0] == "fixed" and kind[3] == 1 and kind[4]:
-        l, c = kind[1], kind[2]
+    if isinstance(kind, patterns.Fixed) and kind.num_patterns == 1 and kind.causal:
+        l, c = kind.stride, kind.summary
         return lambda b, h, i, j: (j <= i) & ((j // l == i // l) | (j % l >= l - c))
     raise ValueError(f"no mask_mod for {pattern.name}")
 

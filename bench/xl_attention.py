@@ -337,7 +337,8 @@ def run(
         "only": only,
     }
     info = common.machine(device)
-    resolved = functional._resolve_xl_backend(backend, torch.device(device))
+    probe = torch.zeros(1, 1, 1, 64, device=device, dtype=getattr(torch, opts["dtype"]))
+    resolved = functional.backend_for("xl", probe, probe, backend=backend)
     progress(f"{info['name']}; effattn backend {resolved}; load {info['load_average']}")
     rows = []
     if only in (None, "kernel"):

@@ -2,7 +2,7 @@
 
 The softmax over a union of disjoint key sets is the LSE-weighted combination of the softmaxes
 over each set, so a pattern can be computed as several block-sparse attentions ("parts"), each
-over a re-indexed sequence in which its keys form dense blocks (DESIGN.md, "Efficiency"):
+over a re-indexed sequence in which its keys form dense blocks:
 
 ``strided(l)``
     local band ``0 <= p - j < l``, in natural order; plus the columns ``(p - j) % l == 0,
@@ -15,9 +15,11 @@ over a re-indexed sequence in which its keys form dense blocks (DESIGN.md, "Effi
 
 A :class:`Part` carries its pattern in its own index space and the index maps from and to the
 original rows: every backend runs the same generic block-sparse kernel on each part, and
-:mod:`effattn.functional` merges the parts (and splits the gradients) with torch ops.
+:mod:`effattn.execute` merges the parts (and splits the gradients) with torch ops.
 :func:`plan` keeps the natural order when the decomposition would not compute fewer entries
-(short sequences, a few queries against many keys).
+(short sequences, a few queries against many keys, parameters beyond the sequence). It decides
+without laying out the natural order when a lower bound of that order's work already exceeds
+the decomposition's, so that long sequences cost time in the blocks the parts visit.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ from effattn.patterns import (
     GROUP_LT,
     GROUP_NE,
     BlockLayout,
+    Fixed,
     Pattern,
+    Strided,
     Term,
-    block_elements,
+    TermPattern,
 )
 
-__all__ = ["Part", "count_allowed", "plan", "work_efficiency"]
+__all__ = ["Part", "plan", "planned_work_efficiency"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -95,71 +99,63 @@ def plan(
     device = torch.device("cpu") if device is None else torch.device(device)
     if pattern.is_custom:
         return (_natural(pattern, n_q, n_k, block_m, block_n, device),)
-    return _plan_cached(pattern._classes, pattern.kind, n_q, n_k, block_m, block_n, device)
+    kind = getattr(pattern, "kind", None)
+    return _plan_cached(pattern.classes(), kind, n_q, n_k, block_m, block_n, device)
 
 
 @functools.lru_cache(maxsize=128)
 def _plan_cached(classes, kind, n_q, n_k, block_m, block_n, device) -> tuple[Part, ...]:
-    pattern = Pattern("plan", classes, kind=kind)
+    pattern = TermPattern("plan", classes, kind=kind)
+    if isinstance(kind, Strided) and n_q > 0 and n_k > kind.stride:
+        parts = _strided_parts(kind.stride, kind.causal, n_q, n_k, block_m, block_n, device)
+    elif isinstance(kind, Fixed) and n_q > 0 and n_k > kind.stride:
+        parts = _fixed_parts(
+            kind.stride, kind.summary, kind.num_patterns, kind.causal, n_q, n_k, block_m,
+            block_n, device,
+        )  # fmt: skip
+    else:
+        return (_natural(pattern, n_q, n_k, block_m, block_n, device),)
+    heads = len(classes)
+    work = _work(parts, heads)
+    if work < heads * _natural_work_bound(kind, n_q, n_k, block_m, block_n):
+        return parts
     natural = (_natural(pattern, n_q, n_k, block_m, block_n, device),)
-    if kind is None or n_q == 0:
-        return natural
-    build = _strided_parts if kind[0] == "strided" else _fixed_parts
-    parts = build(*kind[1:], n_q, n_k, block_m, block_n, device)
-    return parts if _work(parts, len(classes)) < _work(natural, len(classes)) else natural
+    return parts if work < _work(natural, heads) else natural
 
 
-def work_efficiency(
+def _natural_work_bound(kind: Strided | Fixed, n_q: int, n_k: int, block_m: int, block_n: int):
+    """A lower bound of the entries one head class computes in natural order, in O(n_q / block_m).
+
+    The column keys of a block row (strided: p - j = t * l; fixed: the summary columns of the
+    windows before the row's) lie l apart, so for l >= block_n each lies in a key block of its
+    own; for l < block_n every key block left of the row holds one. Those blocks are visited.
+    """
+    qb = torch.arange(-(-n_q // block_m), dtype=torch.int64)
+    p0 = qb * block_m + (n_k - n_q)
+    rows = (n_q - qb * block_m).clamp(max=block_m)
+    last = n_k - (-(-n_k // block_n) - 1) * block_n  # the last key block's width
+    width = min(block_n, last)
+    l = kind.stride
+    if l < block_n:
+        blocks = (p0 + 1) // block_n
+    elif isinstance(kind, Strided):
+        blocks = (p0 + rows - 1) // l
+    else:
+        blocks = p0 // l
+    return int((rows * width * blocks).sum())
+
+
+def planned_work_efficiency(
     pattern: Pattern, n_q: int, n_k: int | None = None, block_m: int = 64, block_n: int = 64
 ) -> float:
-    """Useful entries / computed entries of the plan the kernels run (decomposed if cheaper)."""
+    """Useful entries / computed entries of the plan the kernels run (decomposed if cheaper).
+
+    :meth:`Pattern.natural_work_efficiency` gives the figure for the natural order.
+    """
     n_k = n_q if n_k is None else n_k
     heads = pattern.period
     parts = plan(pattern, n_q, n_k, block_m, block_n)
     return pattern.count_allowed(n_q, n_k, heads) / max(1, _work(parts, heads))
-
-
-def count_allowed(pattern: Pattern, n_q: int, n_k: int, heads: int) -> int:
-    """Allowed entries over ``heads`` heads, from the parts of the plan (they are disjoint).
-
-    A full block holds (valid rows) x (valid keys) allowed entries; partial blocks are
-    evaluated element by element, and plans keep those few.
-    """
-    total = 0
-    for part in plan(pattern, n_q, n_k, 128, 128):
-        lay = part.layout
-        rows = torch.ones(part.n_q, dtype=torch.bool)
-        if part.q_index is not None:
-            rows = part.q_index.cpu() >= 0
-        keys = torch.ones(1, part.n_k, dtype=torch.bool)
-        if part.k_index is not None:
-            keys = part.k_index.cpu() >= 0
-        per_pair = {}
-        for h in range(heads):
-            pair = (h % lay.num_classes, h % keys.shape[0])
-            if pair not in per_pair:
-                per_pair[pair] = _count_part(part, lay, pair[0], rows, keys[pair[1]])
-            total += per_pair[pair]
-    return total
-
-
-def _count_part(part, lay, c, rows, keys) -> int:
-    def per_block(valid, block, num):
-        valid = torch.nn.functional.pad(valid.long(), (0, num * block - valid.numel()))
-        return valid.view(num, block).sum(-1)
-
-    rb = per_block(rows, lay.block_m, lay.num_q_blocks)
-    kb = per_block(keys, lay.block_n, lay.num_k_blocks)
-    idx = lay.kv_full_idx[c].long().cpu()
-    total = int((torch.where(idx >= 0, kb[idx.clamp(min=0)], 0).sum(-1) * rb).sum())
-    pidx = lay.kv_part_idx[c].long().cpu()
-    qb, slot = (pidx >= 0).nonzero(as_tuple=True)
-    blocks = block_elements(lay.n_q, lay.n_k, lay.block_m, lay.block_n, qb, pidx[qb, slot])
-    for i, j, valid in blocks:
-        ic, jc = i.clamp(max=lay.n_q - 1), j.clamp(max=lay.n_k - 1)
-        ok = part.pattern._allowed(i + lay.q_offset, jc, c, ic)
-        total += int((ok & valid & rows[ic] & keys[jc]).sum())
-    return total
 
 
 def _work(parts: tuple[Part, ...], heads: int) -> int:
@@ -181,7 +177,7 @@ def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
 
 def _part(terms, n_q, n_k, q_offset, q_index, k_index, key_padding, block_m, block_n, device):
     """A part in its own index space (n_q, n_k, q_offset are the part's)."""
-    pattern = Pattern("part", (tuple(terms),))
+    pattern = TermPattern("part", (tuple(terms),))
     lay = pattern.layout(n_q, n_k, block_m, block_n, q_offset=q_offset, device=device)
     maps = (_to(t, device) for t in (q_index, k_index, key_padding))
     return Part(pattern, n_q, n_k, q_offset, *maps, lay)
@@ -189,7 +185,7 @@ def _part(terms, n_q, n_k, q_offset, q_index, k_index, key_padding, block_m, blo
 
 def _strided_parts(stride, causal, n_q, n_k, block_m, block_n, device):
     lo = 0 if causal else -(stride - 1)
-    local = Pattern("local", ((Term(lo=lo, hi=stride - 1),),))
+    local = TermPattern("local", ((Term(lo=lo, hi=stride - 1),),))
     band = _natural(local, n_q, n_k, block_m, block_n, device)
 
     # Slot x = a * stride + b (a < m) goes to y = b * m + a: residue b becomes chunk b.
@@ -217,7 +213,7 @@ def _strided_parts(stride, causal, n_q, n_k, block_m, block_n, device):
 
 def _fixed_parts(stride, summary, num_patterns, causal, n_q, n_k, block_m, block_n, device):
     lo = 0 if causal else -BIG
-    window = Pattern("window", ((Term(lo=lo, gq=stride, gk=stride, grel=GROUP_EQ),),))
+    window = TermPattern("window", ((Term(lo=lo, gq=stride, gk=stride, grel=GROUP_EQ),),))
     parts = [_natural(window, n_q, n_k, block_m, block_n, device)]
 
     # Causal queries of window W see the summary columns of windows < W, all of them complete.

@@ -10,37 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from effattn._validation import check_qkv
 from effattn.patterns import Pattern
 
 __all__ = ["attention", "xl_attention"]
-
-
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head dim"
-        )
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
-    if q.shape[2] > k.shape[2]:
-        raise ValueError(
-            f"q has more rows ({q.shape[2]}) than k has keys ({k.shape[2]}): queries are "
-            "aligned to the end of the keys"
-        )
-    if len({q.dtype, k.dtype, v.dtype}) > 1 or len({q.device, k.device, v.device}) > 1:
-        raise ValueError(
-            f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
-            f"{q.device}/{k.device}/{v.device}"
-        )
 
 
 def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -50,6 +23,9 @@ def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
 def _masked_softmax_attend(s: torch.Tensor, mask: torch.Tensor | None, v: torch.Tensor):
     """softmax(s) @ v over allowed entries; rows without any give 0 and LSE -inf."""
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    if s.shape[-1] == 0:
+        lse = torch.full(s.shape[:-1], float("-inf"), dtype=acc, device=s.device)
+        return torch.matmul(s.to(v.dtype), v), lse  # zeros, still in the autograd graph
     s = s.to(acc)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
@@ -109,7 +85,7 @@ def attention(
         out [B, H, Nq, D] (q's dtype), and with ``return_lse`` lse [B, H, Nq] (fp32, fp64 for
         fp64 inputs; -inf for a query with no allowed key).
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     h = q.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     m = _resolve_mask(mask, q, k)
@@ -150,7 +126,7 @@ def xl_attention(
     Returns:
         out [B, H, L, D], and with ``return_lse`` the LSE as in :func:`attention`.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     b, h, n_q, d_head = q.shape
     n_k = k.shape[2]
     if r.dim() != 3 or r.shape[0] != h or r.shape[2] != d_head or r.shape[1] < 1:

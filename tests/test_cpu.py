@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import effattn
-from effattn import _extension, functional, patterns, reference
+from effattn import _extension, execute, patterns, reference
 from effattn.decompose import plan
 
 pytestmark = pytest.mark.skipif(
@@ -125,14 +125,13 @@ SPARSE_PATTERNS = [
     patterns.union(patterns.local(8), patterns.strided(32)),
     patterns.per_head(patterns.strided(16), patterns.local(24)),
 ]
-DECOMPOSED = {"strided", "fixed"}
 
 
 @pytest.mark.parametrize("pattern", SPARSE_PATTERNS, ids=lambda p: p.name)
 def test_sparse_vs_reference(pattern, small_blocks):
     """Ragged sizes, n_q < n_k, GQA, D = 41, key padding with empty rows; plans decomposed."""
     b, h, h_kv, n_q, n_k, d = 2, 4, 2, 170, 200, 41
-    if pattern.kind is not None and pattern.kind[0] in DECOMPOSED:
+    if isinstance(getattr(pattern, "kind", None), (patterns.Strided, patterns.Fixed)):
         assert len(plan(pattern, n_q, n_k, 16, 16)) > 1, "the test should run a decomposed plan"
     kpm = _padding(b, n_k)
     _compare_fp32(
@@ -146,7 +145,7 @@ def test_sparse_vs_reference(pattern, small_blocks):
 @pytest.mark.parametrize("causal", [True, False])
 def test_strided_chunks_as_heads(causal, small_blocks, monkeypatch):
     """n_q == n_k a multiple of the stride, no key mask, no GQA: the column part runs its
-    chunks as extra heads on views of q, k, v (functional._fold), forward (joining its result
+    chunks as extra heads on views of q, k, v (execute._fold), forward (joining its result
     into the band part's on views of its out and lse) and backward (on views of dout, lse, delta and
     the gradients), m = 20 rows per chunk (not a multiple of the block); output, lse and
     gradients against the reference in fp64 and fp32."""
@@ -155,11 +154,11 @@ def test_strided_chunks_as_heads(causal, small_blocks, monkeypatch):
     assert len(plan(pattern, n, n, 16, 16)) > 1, "the test should run a decomposed plan"
     folds = []
 
-    def counting_fold(part, t, fold=functional._fold):
+    def counting_fold(part, t, fold=execute._fold):
         folds.append(part.chunk)
         return fold(part, t)
 
-    monkeypatch.setattr(functional, "_fold", counting_fold)
+    monkeypatch.setattr(execute, "_fold", counting_fold)
     inputs = list(_qkv(2, 3, 3, n, n, 24))
     got = _run(_sparse(pattern, None, "cpu"), inputs)
     ref = _run(_sparse(pattern, None, "reference"), inputs)

@@ -31,6 +31,7 @@ from effattn import patterns as P
 from effattn import reference
 from effattn.decompose import plan
 from effattn.ops import cuda as ops
+from effattn.ops import dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -179,11 +180,14 @@ def test_check_refuses_clearly():
 
 def test_auto_never_picks_cuda():
     # Until a GPU run of this file is recorded, "auto" must not choose the CUDA backend.
-    from effattn.functional import _resolve_backend
+    from effattn.ops import dispatch
 
-    assert _resolve_backend("auto", torch.device("cpu")) != "cuda"
+    assert not dispatch.get("cuda").auto
+    x = torch.zeros(1, 1, 4, 64, dtype=torch.float16)
+    assert dispatch.select("auto", "sparse", x, x, key_mask=False).name != "cuda"
     if torch.cuda.is_available():
-        assert _resolve_backend("auto", torch.device("cuda")) != "cuda"
+        x = x.cuda()
+        assert dispatch.select("auto", "sparse", x, x, key_mask=False).name != "cuda"
 
 
 # --------------------------------------------------------------------------- emulator
@@ -272,6 +276,9 @@ def emulated(emu, monkeypatch):
     monkeypatch.setattr(ops, "sparse_backward", sparse_backward)
     monkeypatch.setattr(ops, "xl_forward", xl_forward)
     monkeypatch.setattr(ops, "xl_backward", xl_backward)
+    # The backend then serves CPU tensors, with no GPU and no CUDA part in effattn._C.
+    monkeypatch.setattr(dispatch.CudaBackend, "unavailable", lambda self: None)
+    monkeypatch.setattr(dispatch.CudaBackend, "devices", frozenset({"cpu", "cuda"}))
     return emu
 
 

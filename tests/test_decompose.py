@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from effattn import patterns as P
-from effattn.decompose import _fixed_parts, _strided_parts, plan, work_efficiency
+from effattn.decompose import _fixed_parts, _strided_parts, plan, planned_work_efficiency
 
 CPU = torch.device("cpu")
 
@@ -78,7 +78,7 @@ def test_plan_keeps_natural_order_when_cheaper():
 )
 @pytest.mark.parametrize("n", [4096, 16384])
 def test_work_efficiency_at_block_speed(pattern, n):
-    natural = pattern.work_efficiency(n, n, 64, 64)
-    planned = work_efficiency(pattern, n, n, 64, 64)
+    natural = pattern.natural_work_efficiency(n, n, 64, 64)
+    planned = planned_work_efficiency(pattern, n, n, 64, 64)
     assert planned >= 0.5
     assert planned > natural

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import effattn
+from effattn import functional, reference
 from effattn import patterns as P
-from effattn import reference
 from effattn.decompose import plan
 from effattn.ops import torch_sparse
 
@@ -112,7 +112,8 @@ def test_reference_backend_and_default_backend():
     b = effattn.sparse_attention(q, k, v, P.strided(4))
     assert torch.allclose(a, b, atol=1e-12)
     assert "reference" in effattn.backends()
-    assert set(effattn.backends()) <= {"triton", "cuda", "cpu", "reference"}
+    assert {"torch", "reference"} <= set(effattn.backends())
+    assert set(effattn.backends()) <= {"triton", "cuda", "cpu", "torch", "reference"}
 
 
 @pytest.mark.parametrize("made_inside", [True, False])
@@ -177,3 +178,130 @@ def test_bad_tensors():
         effattn.sparse_attention(q.to(torch.int32), k.int(), v.int(), P.causal())
     with pytest.raises(ValueError, match="dtype"):
         effattn.sparse_attention(q, k.float(), v, P.causal())
+
+
+# --------------------------------------------------------------------------- defects found from outside
+SERVING = [n for n in ("cpu", "torch", "triton") if n in effattn.backends()]
+
+
+@pytest.mark.parametrize("backend", [*SERVING, "reference"])
+@pytest.mark.parametrize("b, n_q, n_k", [(2, 0, 30), (0, 5, 30), (2, 0, 0)], ids=str)
+def test_empty_inputs_give_empty_outputs_and_zero_gradients(backend, b, n_q, n_k):
+    q, k, v = make(b, 2, 1, n_q, n_k, 16)
+    out, lse = effattn.sparse_attention(q, k, v, P.strided(4), backend=backend, return_lse=True)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    assert bool((lse == float("-inf")).all())
+    grads = torch.autograd.grad(
+        out.sum() + 0 * lse.nan_to_num().sum(), (q, k, v), allow_unused=True
+    )
+    for g, t in zip(grads, (q, k, v), strict=True):
+        g = torch.zeros_like(t) if g is None else g
+        assert g.shape == t.shape and bool((g == 0).all())
+
+
+@pytest.mark.parametrize("backend", [*SERVING, "torch"])
+def test_xl_empty_batch_and_segment(backend):
+    for b, n_q, mem in ((0, 4, 3), (2, 0, 5)):
+        q = torch.randn(b, 2, n_q, 16, dtype=torch.float64, requires_grad=True)
+        k = torch.randn(b, 2, n_q + mem, 16, dtype=torch.float64, requires_grad=True)
+        r = torch.randn(2, 6, 16, dtype=torch.float64, requires_grad=True)
+        u = torch.randn(2, 16, dtype=torch.float64, requires_grad=True)
+        out = effattn.xl_attention(q, k, k, r, u, u, backend=backend)
+        assert out.shape == q.shape
+        grads = torch.autograd.grad(out.sum(), (q, k, r, u), allow_unused=True)
+        assert all(g is None or bool((g == 0).all()) for g in grads)
+
+
+def test_reference_with_no_keys():
+    q = torch.randn(1, 2, 0, 16, requires_grad=True)
+    out, lse = reference.attention(q, q, q, return_lse=True)
+    assert out.shape == (1, 2, 0, 16) and lse.shape == (1, 2, 0)
+
+
+@pytest.mark.parametrize("backend", SERVING)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_keys_hidden_by_the_padding_mask_never_reach_an_output(backend, poison):
+    q, k, v = make(2, 2, 1, 40, 40, 16)
+    kpm = torch.zeros(2, 40, dtype=torch.bool)
+    kpm[:, 30:] = True  # an unwritten cache tail
+    kp, vp = k.detach().clone(), v.detach().clone()
+    kp[:, :, 30:], vp[:, :, 30:] = poison, poison
+    kp.requires_grad_(), vp.requires_grad_()
+    got = effattn.sparse_attention(q, kp, vp, P.causal(), key_padding_mask=kpm, backend=backend)
+    want = effattn.sparse_attention(q, k, v, P.causal(), key_padding_mask=kpm, backend=backend)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    gq, gk, gv = torch.autograd.grad(got.sum(), (q, kp, vp))
+    assert all(torch.isfinite(g).all() for g in (gq, gk, gv))
+    assert bool((gk[:, :, 30:] == 0).all()) and bool((gv[:, :, 30:] == 0).all())
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -float("inf")])
+def test_non_finite_scale_is_refused(bad):
+    q, k, v = make(1, 2, 2, 8, 8, 16)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        effattn.sparse_attention(q, k, v, P.causal(), scale=bad)
+
+
+def test_numpy_and_tensor_scales_are_floats():
+    import numpy as np
+
+    q, k, v = make(1, 2, 2, 8, 8, 16)
+    want = effattn.sparse_attention(q, k, v, P.causal(), scale=0.3)
+    for scale in (np.float32(0.3), np.float64(0.3), torch.tensor(0.3, dtype=torch.float64)):
+        got = effattn.sparse_attention(q, k, v, P.causal(), scale=scale)
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)  # np.float32 rounds 0.3
+    with pytest.raises(TypeError, match="0-d"):
+        effattn.sparse_attention(q, k, v, P.causal(), scale=torch.ones(2))
+
+
+def test_double_backward_fails_where_it_starts():
+    q, k, v = make(1, 2, 2, 16, 16, 16)
+    out = effattn.sparse_attention(q, k, v, P.strided(4), backend="torch")
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+
+
+def test_function_transforms_fail_clearly():
+    q, k, v = make(1, 2, 2, 16, 16, 16)
+    with pytest.raises(RuntimeError, match="does not support torch.func transforms"):
+        torch.func.grad(lambda q: effattn.sparse_attention(q, k, v, P.causal()).sum())(q)
+
+
+def test_custom_patterns_are_built_once_per_pattern(monkeypatch):
+    mask = torch.rand(1, 64, 64) < 0.3
+    pattern = P.from_mask(mask)
+    q, k, v = make(1, 2, 2, 64, 64, 16)
+    calls = {"mask": 0, "layout": 0}
+    orig_mask, orig_layout = type(pattern).mask, type(pattern)._layout
+
+    def counting_mask(self, *a, **kw):
+        calls["mask"] += 1
+        return orig_mask(self, *a, **kw)
+
+    def counting_layout(self, *a, **kw):
+        calls["layout"] += 1
+        return orig_layout(self, *a, **kw)
+
+    monkeypatch.setattr(type(pattern), "mask", counting_mask)
+    monkeypatch.setattr(type(pattern), "_layout", counting_layout)
+    first = effattn.sparse_attention(q, k, v, pattern, backend="torch")
+    built = dict(calls)
+    for _ in range(3):
+        again = effattn.sparse_attention(q, k, v, pattern, backend="torch")
+        again.sum().backward()
+    assert calls["mask"] == built["mask"] == 1, "the op mask is made once per pattern"
+    assert torch.equal(first, again)
+    assert functional._MASK_CACHE == {}, "no content cache when the pattern is known"
+
+
+def test_parameters_larger_than_the_sequence_cost_what_the_sequence_does():
+    q, k, v = make(1, 2, 2, 200, 200, 16)
+    for pattern in (P.strided(10**5), P.strided(10**7), P.fixed(10**6, 3), P.local(10**7)):
+        assert len(plan(pattern, 200, 200)) == 1
+        out = effattn.sparse_attention(q, k, v, pattern, backend="torch")
+        torch.testing.assert_close(out, reference.attention(q, k, v, pattern))
+    with pytest.raises(ValueError, match="exceeds 2\\*\\*30"):
+        P.strided(2**31)
+    with pytest.raises(ValueError, match="exceeds 2\\*\\*30"):
+        P.local(2**40)

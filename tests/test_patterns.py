@@ -195,10 +195,10 @@ def test_count_and_density():
 
 def test_work_efficiency_natural_order():
     # causal at block 64, n = 256: 10 visited blocks, 4 of them diagonal (half useful + diag).
-    eff = P.causal().work_efficiency(256, 256, 64, 64)
+    eff = P.causal().natural_work_efficiency(256, 256, 64, 64)
     assert eff == pytest.approx((256 * 257 / 2) / (10 * 64 * 64))
     # the strided column part wastes most of a visited block: that is what decompose fixes.
-    assert P.strided(128).work_efficiency(4096, 4096, 64, 64) < 0.2
+    assert P.strided(128).natural_work_efficiency(4096, 4096, 64, 64) < 0.2
 
 
 def test_layout_on_device_and_cached():
@@ -252,3 +252,60 @@ def test_plot_writes_png(tmp_path):
     path = tmp_path / "fixed.png"
     P.fixed(16, 4, num_patterns=2).plot(64, 8, head=1, path=str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- algebra
+def test_intersection_is_the_and_of_the_masks():
+    rng = random.Random(4)
+    for _ in range(60):
+        a = build(*random_case(rng)[:3])
+        b = build(*random_case(rng)[:3])
+        n_k = rng.randint(1, 90)
+        n_q = rng.randint(1, n_k)
+        try:
+            both = a & b
+        except ValueError as e:
+            assert "no analytic form" in str(e)
+            continue
+        assert not both.is_custom
+        heads = 6
+        want = a.mask(n_q, n_k, heads).expand(heads, n_q, n_k) & b.mask(n_q, n_k, heads)
+        assert torch.equal(both.mask(n_q, n_k, heads).expand(heads, n_q, n_k), want), both.name
+        check_layout(both, n_q, n_k, 16, 8, heads=heads)
+
+
+def test_causal_versions_keep_their_decompositions():
+    for p in (P.strided(8, causal=False), P.fixed(16, 4, 2, causal=False)):
+        c = p & P.causal()
+        assert isinstance(c.kind, (P.Strided, P.Fixed)) and c.kind.causal
+        assert c.name == p.name.replace(", causal=False", "")
+    same = P.local(5)
+    assert same & P.causal() is same, "an intersection that changes nothing is the operand"
+
+
+def test_union_and_intersection_operators_and_custom_operands():
+    a, b = P.strided(5), P.local(7, causal=False)
+    m_a, m_b = a.mask(30, 40), b.mask(30, 40)
+    assert torch.equal((a | b).mask(30, 40), m_a | m_b)
+    custom = torch.rand(1, 30, 40) < 0.4
+    both = P.from_mask(custom) & a
+    assert both.is_custom and both.fixed_size == (30, 40)
+    assert torch.equal(both.mask(30, 40), custom & m_a)
+    check_layout(both, 30, 40, 8, 8, heads=2)
+
+
+def test_intersection_without_an_analytic_form_says_so():
+    with pytest.raises(ValueError, match="no analytic form"):
+        P.fixed(8, 2) & P.fixed(12, 3)
+
+
+def test_counts_of_strided_and_fixed_have_closed_forms_equal_to_the_masks():
+    rng = random.Random(5)
+    for _ in range(200):
+        kind, args, causal, n_q, n_k = random_case(rng)
+        if kind not in ("strided", "fixed"):
+            continue
+        pattern = build(kind, args, causal)
+        heads = 3
+        want = int(pattern.mask(n_q, n_k, heads).expand(heads, n_q, n_k).sum())
+        assert pattern.count_allowed(n_q, n_k, heads) == want, (pattern.name, n_q, n_k)

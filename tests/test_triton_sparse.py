@@ -207,7 +207,7 @@ def test_decomposed_plans(blocks, pattern, n_q, n_k, kpm_rate):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "non-causal"])
 def test_strided_chunks_as_heads(blocks, causal):
     """n_q == n_k a multiple of the stride, no key mask, no GQA: the column part runs as extra
-    heads on strided views (effattn.functional._fold) of q, k, v, and in the backward of dout
+    heads on strided views (effattn.execute._fold) of q, k, v, and in the backward of dout
     and the gradients too, m = 20 rows per chunk."""
     blocks((16, 16))
     pattern = P.strided(8, causal=causal)
@@ -338,12 +338,12 @@ def test_compile_configs_cover_every_kernel_parameter():
 
 
 def test_forward_blocks_keep_strided_and_fixed_efficient():
-    from effattn.decompose import work_efficiency
+    from effattn.decompose import planned_work_efficiency
 
     q = torch.zeros(1, 1, 1, 64, dtype=torch.float16)
     bm, bn = ts.plan_blocks(q)
     for pattern in (P.strided(128), P.fixed(128, 16), P.fixed(128, 32)):
-        assert work_efficiency(pattern, 4096, 4096, bm, bn) >= 0.5, pattern.name
+        assert planned_work_efficiency(pattern, 4096, 4096, bm, bn) >= 0.5, pattern.name
 
 
 # ------------------------------------------------------------------ GPU, realistic sizes

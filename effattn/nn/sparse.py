@@ -23,7 +23,6 @@ densifying; ``need_weights=True`` is the explicit dense path that applies it exa
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -33,7 +32,7 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from effattn import patterns
-from effattn.functional import _NAMES as _BACKENDS
+from effattn.functional import BACKENDS as _BACKENDS
 from effattn.functional import MAX_HEAD_DIM, MIN_HEAD_DIM, sparse_attention
 from effattn.patterns import Pattern, Term
 
@@ -47,31 +46,11 @@ def _is_full(pattern: Pattern) -> bool:
 
 
 def _causal_version(pattern: Pattern) -> Pattern | None:
-    """``pattern`` AND ``j <= p`` for term patterns (None for custom ones), analytically.
-
-    A term's band is ``lo <= p - j <= hi``; AND-ing ``p - j >= 0`` raises ``lo`` to 0 and drops
-    terms with ``hi < 0``. Strided and fixed keep their constructors (and so their fast
-    decompositions): their causal variants are exactly these terms.
-    """
+    """``pattern`` AND ``j <= p``, analytically (None for custom patterns, whose causal version
+    the module builds as a mask). Strided and fixed keep their decompositions."""
     if pattern.is_custom:
         return None
-    kind = pattern.kind
-    if kind is not None:
-        if kind[-1]:
-            return pattern
-        if kind[0] == "strided":
-            return patterns.strided(kind[1], causal=True)
-        if kind[0] == "fixed":
-            return patterns.fixed(kind[1], kind[2], kind[3], causal=True)
-    terms = pattern.classes()
-    if all(t.lo >= 0 for ts in terms for t in ts):
-        return pattern
-    if terms == ((Term(),),):
-        return patterns.causal()
-    classes = tuple(
-        tuple(dataclasses.replace(t, lo=max(t.lo, 0)) for t in ts if t.hi >= 0) for ts in terms
-    )
-    return Pattern(f"{pattern.name} & causal", classes, head_divisor=pattern.head_divisor)
+    return pattern & patterns.causal()
 
 
 def _causal_blocked(n_q: int, n_k: int, device) -> torch.Tensor:

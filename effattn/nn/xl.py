@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effattn.functional import _NAMES as _BACKENDS
+from effattn.functional import BACKENDS as _BACKENDS
 from effattn.functional import MAX_HEAD_DIM, MIN_HEAD_DIM, xl_attention
 
 __all__ = ["XLCache", "XLMultiheadAttention", "sinusoid_embedding"]

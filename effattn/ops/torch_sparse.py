@@ -1,27 +1,10 @@
 """Blockwise block-sparse attention in plain PyTorch (backend "torch").
 
-The readable statement of the kernel contract that every backend implements (Triton, CUDA,
-C++ CPU): one query block at a time, only the layout's key blocks, the pattern's predicate on
-partial blocks evaluated from the packed term table or the stored tiles, memory O(block_m x
-visited keys). It runs on any device and dtype (fp64 for gradcheck); the C++ CPU backend is the
-fast path on CPU.
-
-Backend contract (this module's functions; :mod:`effattn.functional` calls the kernels once per
-part of a plan, see :mod:`effattn.decompose`):
-    check(q, k, v): raise ValueError / TypeError naming what this backend cannot serve.
-    plan_blocks(q): the (block_m, block_n) of the forward kernel, used to choose the plan.
-    layout_fn(block_m, block_n): the part's BlockLayout for those block sizes on q's device.
-    q [B, H, n_q, D], k / v [B, Hkv, n_k, D], H % Hkv == 0; query row i at absolute position
-    layout.q_offset + i; head h follows layout class h % layout.num_classes.
-    key_mask: None or bool broadcastable to [B, H, n_k], True = the key is hidden.
-    sparse_forward -> out [B, H, n_q, D] (q.dtype), lse [B, H, n_q] fp32 (fp64 for fp64), -inf and a
-        zero row when a query has no visible key.
-    Optional: a backend with ``RESUMES = True`` takes ``sparse_forward(..., state=(out, lse))``,
-        views in the accumulation dtype holding the result over a disjoint set of keys, which
-        it extends to the union in place (the plan's later parts then need no merge).
-    sparse_backward(dout, lse, delta) with the *merged* lse and delta = rowsum(dout * out) - dlse of
-        the whole plan: probabilities are exp(s - lse), so each part's gradients are its share
-        of the full softmax's; rows whose lse is +-inf contribute nothing.
+The readable statement of the kernel contract (:mod:`effattn.ops.backend`) that every backend
+implements (Triton, CUDA, C++ CPU): one query block at a time, only the layout's key blocks,
+the pattern's predicate on partial blocks evaluated from the packed term table or the stored
+tiles, memory O(block_m x visited keys). It runs on any device and dtype (fp64 for
+gradcheck); the C++ CPU backend is the fast path on CPU.
 """
 
 from __future__ import annotations
@@ -156,7 +139,8 @@ def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None):
 
 
 def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_mask=None):
-    """Gradients (dq, dk, dv) of this part, from the merged lse and delta [B, H, n_q]."""
+    """Gradients (dq, dk, dv) of this part in the accumulation dtype, from the merged lse and
+    delta [B, H, n_q]."""
     layout = layout_fn(BLOCK, BLOCK)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -195,4 +179,4 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
             dv_h[:, heads] = dv_sel
     dk = dk_h.view(b, h_kv, group, n_k, d).sum(2)
     dv = dv_h.view(b, h_kv, group, n_k, d).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
