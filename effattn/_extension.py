@@ -41,21 +41,27 @@ def build_record() -> dict | None:
 def _advice(error: ImportError) -> str:
     """Why the import failed and how to get the extension, for this kind of install."""
     record = build_record() or {}
-    status, reason = record.get("extension"), record.get("reason")
+    status, reason = record.get("extension"), str(record.get("reason")).rstrip(".")
     if status == "skipped":
         why = "it was left out on purpose at install (EFFATTN_SKIP_EXTENSION=1)"
-        how = "reinstall without EFFATTN_SKIP_EXTENSION to build it"
+        fix = "reinstall without EFFATTN_SKIP_EXTENSION"
     elif status == "failed":
-        why = f"its build failed at install: {reason}"
-        how = "install a C++17 compiler (CXX picks it) and reinstall; `pip install -v` shows the build log"
+        why = f"its build failed at install ({reason})"
+        fix = "install a C++17 compiler (CXX picks it) and reinstall"
     else:
         why = f"{type(error).__name__}: {error}"
-        how = "reinstall effattn with a C++17 compiler present"
+        fix = "reinstall with a C++17 compiler present"
     if (_PACKAGE.parent / "setup.py").is_file():  # a source checkout (editable install)
-        how += f": `pip install -e {_PACKAGE.parent}`"
+        command = f"`pip install -e {_PACKAGE.parent}`"
     else:  # a wheel: the build happens when installing from the source distribution
-        how += ": `pip install --force-reinstall --no-deps --no-binary effattn effattn`, or `pip install .` in a checkout"
-    return f"{why}; {how} (add EFFATTN_CUDA=1 for the CUDA C++ kernels)"
+        command = (
+            "`pip install --force-reinstall --no-deps --no-binary effattn effattn` "
+            "(or `pip install .` in a checkout)"
+        )
+    return (
+        f"{why}. To build it, {fix}: {command}; `pip install -v` shows the build log, and "
+        "EFFATTN_CUDA=1 adds the CUDA C++ kernels"
+    )
 
 
 def load() -> ModuleType | None:

@@ -115,7 +115,7 @@ def test_missing_extension_advice_fits_the_install(tmp_path, monkeypatch, status
     monkeypatch.setattr(_extension, "_PACKAGE", package)
     advice = _extension._advice(ImportError("No module named 'effattn._C'"))
     if status == "failed":
-        assert "build failed at install: CMake configure failed: no compiler" in advice
+        assert "build failed at install (CMake configure failed: no compiler)" in advice
         assert "C++17 compiler" in advice
     elif status == "skipped":
         assert "EFFATTN_SKIP_EXTENSION=1" in advice
