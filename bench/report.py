@@ -50,7 +50,8 @@ def load_results(results: Path = common.RESULTS) -> list[dict]:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if common.is_result(doc):
+        # Only the families this report renders (gpu_check.json has the header too).
+        if common.is_result(doc) and doc["family"] in TITLES:
             doc["_path"] = path
             docs.append(doc)
     return docs
