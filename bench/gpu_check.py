@@ -68,6 +68,7 @@ TEST_TIMEOUT_S = 90
 # Largest share of the budget each step may take; the benchmark takes what is left.
 CAPS = {"environment": 60.0, "build": 210.0, "tests": 150.0}
 BENCH_MIN_S = 120.0  # what the tests leave to the benchmark at least
+RESTART = 3  # a worker's exit status after an error that leaves its CUDA context unusable
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -281,35 +282,63 @@ print(json.dumps(info))
         return ("ok" if rc in (0, 5) else "failed"), detail
 
     def benchmark(self, limit: float):
+        """The worker, restarted after a case that crashed it or broke its CUDA context (a
+        fault in an untried kernel must not take the cases after it along)."""
         rows_path = self.out / "bench_rows.jsonl"
         rows_path.write_text("")
-        # The worker stops itself before the limit; a case that runs on past it is killed.
+        end = time.monotonic() + limit
+        # Each worker stops itself before its limit; a case that runs on past it is killed.
         grace = 15.0
-        cmd = [sys.executable, str(Path(__file__).resolve()), str(self.out), "--worker"]
-        cmd += ["--deadline-s", f"{max(1.0, limit - grace):.0f}"]
-        cmd += ["--dry-run"] if self.dry_run else []
-        rc = self.run(cmd, self.out / "bench.log", limit)
-        plan, rows = [], []
-        for line in rows_path.read_text().splitlines():
-            item = json.loads(line)
-            if "plan" in item:
-                plan = item["plan"]
-            else:
-                rows.append(item)
+        starts, rc = 0, 0
+        while starts < 6:
+            left = end - time.monotonic()
+            if left < grace + 1:
+                break
+            cmd = [sys.executable, str(Path(__file__).resolve()), str(self.out), "--worker"]
+            cmd += ["--deadline-s", f"{left - grace:.0f}"] + (["--dry-run"] if self.dry_run else [])
+            rc = self.run(cmd, self.out / "bench.log", left, append=starts > 0)
+            starts += 1
+            plan, rows, started = _read_rows(rows_path)
+            lost = [c for c in started if c not in {r["case"] for r in rows}]
+            if lost:  # the case a worker was in when it died or was killed
+                why = "killed at the time limit" if rc is None else f"the worker died (exit {rc})"
+                with open(rows_path, "a") as f:
+                    for case in lost:
+                        f.write(
+                            json.dumps({**plan.get(case, {}), "case": case, "error": why}) + "\n"
+                        )
+            if rc != RESTART and (rc == 0 or rc is None or not lost):
+                break
+        plan, rows, _ = _read_rows(rows_path)
         done = {r["case"] for r in rows}
         rows += [
-            {**c, "skipped": "not reached: out of time"} for c in plan if c["case"] not in done
+            {**c, "skipped": "not reached: out of time"} for k, c in plan.items() if k not in done
         ]
         self.doc["rows"] = rows
         measured = sum("ms" in r for r in rows)
         detail = f"{measured} of {len(plan)} cases measured"
         errors = sum("error" in r for r in rows)
         detail += f", {errors} errors" if errors else ""
+        detail += f", {starts} worker starts" if starts > 1 else ""
         if rc is None:
-            return "timeout", f"worker killed at {limit:.0f} s; {detail}"
-        if rc != 0:
+            return "timeout", f"worker killed at its limit; {detail}"
+        if rc not in (0, RESTART) and not measured:
             return "failed", f"worker exited {rc}; {detail}"
         return ("ok" if measured else "failed"), detail
+
+
+def _read_rows(path: Path):
+    """(plan by case, finished rows, cases started) from the worker's rows file."""
+    plan, rows, started = {}, [], []
+    for line in path.read_text().splitlines():
+        item = json.loads(line)
+        if "plan" in item:
+            plan = {c["case"]: c for c in item["plan"]}
+        elif "started" in item:
+            started.append(item["started"])
+        else:
+            rows.append(item)
+    return plan, rows, started
 
 
 def _find_nvcc() -> str | None:
@@ -573,6 +602,8 @@ def bench_worker(out: Path, deadline_s: float, dry_run: bool) -> int:
                 "peak_mib": peak, "tflops": tflops}  # fmt: skip
 
     cases = bench_cases(dry_run)
+    _, finished, _ = _read_rows(out / "bench_rows.jsonl")  # by an earlier worker of this run
+    done = {r["case"] for r in finished}
     with open(out / "bench_rows.jsonl", "a") as rows:
 
         def emit(item: dict) -> None:
@@ -584,22 +615,38 @@ def bench_worker(out: Path, deadline_s: float, dry_run: bool) -> int:
                 took = deadline_s - (end - time.monotonic())
                 print(f"[+{took:5.0f}s] {item['case']}: {what}{tf}", flush=True)
 
-        emit({"plan": cases})
+        if not done:
+            emit({"plan": cases})
         for c in cases:
+            if c["case"] in done:
+                continue
             if time.monotonic() > end:
                 break  # the parent lists the cases not reached
             if c["backend"] in ("triton", "cuda", "cpu") and c["backend"] not in available:
                 emit({**c, "skipped": f"effattn backend {c['backend']!r} is not available here"})
                 continue
+            emit({"started": c["case"]})
             try:
                 row = sparse(c) if c["family"] == "sparse" else xl(c)
             except Exception as e:  # one case's failure is its row; the benchmark goes on
                 oom = device == "cuda" and isinstance(e, torch.OutOfMemoryError)
                 row = {"error": "out of memory" if oom else f"{type(e).__name__}: {str(e)[:2000]}"}
+                if device == "cuda" and _breaks_the_context(e):
+                    emit({**c, **row, "restart": True})
+                    return RESTART  # a fresh process gets a fresh CUDA context
             emit({**c, **row})
             if device == "cuda":
                 torch.cuda.empty_cache()
     return 0
+
+
+def _breaks_the_context(e: Exception) -> bool:
+    """Whether a CUDA error is sticky: after an illegal address, a device-side assert or a
+    launch failure every later call in the process fails too."""
+    text = str(e)
+    sticky = ("illegal memory access", "illegal address", "device-side assert",
+              "unspecified launch failure", "misaligned address", "illegal instruction")  # fmt: skip
+    return type(e).__name__ == "AcceleratorError" or any(m in text for m in sticky)
 
 
 def _inputs(b, h, n, d, device, dtype, grad: bool):

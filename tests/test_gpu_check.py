@@ -64,8 +64,8 @@ def test_a_step_out_of_time_is_stopped_and_the_results_are_written(tmp_path):
     assert "killed at its time limit" in log.read_text()
 
     # the benchmark worker stops at its deadline (the limit less 15 s of grace for its last
-    # case: 1 s here, about its imports), and the cases it did not reach are listed
-    status, detail = check.benchmark(16)
+    # case: 2 s here, about its imports), and the cases it did not reach are listed
+    status, detail = check.benchmark(17)
     rows = check.doc["rows"]
     unreached = [r for r in rows if r.get("skipped") == "not reached: out of time"]
     assert unreached and len(rows) == len(gpu_check.bench_cases(True))
@@ -79,3 +79,37 @@ def test_a_step_out_of_time_is_stopped_and_the_results_are_written(tmp_path):
     check.step("tests", check.tests, 150)
     assert check.doc["steps"][-1]["status"] == "not reached"
     assert json.loads((tmp_path / "gpu_check.json").read_text())["steps"][-1]["name"] == "tests"
+
+
+FAKE_WORKER = """
+import json, os, sys
+rows = os.path.join(sys.argv[1], "bench_rows.jsonl")
+lines = open(rows).read().splitlines()
+emit = lambda item: open(rows, "a").write(json.dumps(item) + "\\n")
+plan = [{"case": c, "family": "xl", "method": "effattn", "backend": "triton", "n": 1, "d": 64,
+         "pass": "fwd"} for c in ("a", "b", "c")]
+if not lines:  # the first worker: its first case takes the process down
+    emit({"plan": plan})
+    emit({"started": "a"})
+    os._exit(139)
+if any('"ms"' in line for line in lines):  # the third: nothing left to do
+    sys.exit(0)
+emit({"started": "b"})
+emit({**plan[1], "ms": 1.0, "tflops": 1.0})
+emit({"started": "c"})
+emit({**plan[2], "error": "AcceleratorError: illegal memory access", "restart": True})
+sys.exit(3)  # the second: a sticky CUDA error asks for a fresh process
+"""
+
+
+def test_a_crashed_worker_is_restarted_after_the_case_it_died_in(tmp_path, monkeypatch):
+    fake = tmp_path / "fake_worker.py"
+    fake.write_text(FAKE_WORKER)
+    monkeypatch.setattr(gpu_check, "__file__", str(fake))
+    check = gpu_check.Check(tmp_path, dry_run=True, budget_s=60, test_timeout_s=10)
+    status, detail = check.benchmark(40)
+    assert [r["case"] for r in check.doc["rows"]] == ["a", "b", "c"]
+    rows = {r["case"]: r for r in check.doc["rows"]}
+    assert rows["a"]["error"] == "the worker died (exit 139)" and rows["a"]["backend"] == "triton"
+    assert rows["b"]["ms"] == 1.0 and "illegal memory access" in rows["c"]["error"]
+    assert status == "ok" and "3 worker starts" in detail
