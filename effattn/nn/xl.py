@@ -339,7 +339,7 @@ class XLMultiheadAttention(nn.Module):
                     f"the Transformer-XL model this module was converted from now has {changed}: "
                     "settings changed on the model after conversion (reset_length, clamp_len, "
                     "same_length, as the original's eval.py does) do not reach converted layers; "
-                    "convert again with effattn.nn.xl.convert_transformer_xl(model), or set the "
+                    "convert again with effattn.nn.convert_transformer_xl(model), or set the "
                     "same on every converted module"
                 )
             self._source_settings = now
@@ -349,7 +349,7 @@ class XLMultiheadAttention(nn.Module):
                 raise ValueError(
                     f"the Transformer-XL model's {name} is no longer the Parameter this module "
                     "shares (replaced after conversion, e.g. by load_state_dict(assign=True)): "
-                    "convert again with effattn.nn.xl.convert_transformer_xl(model)"
+                    "convert again with effattn.nn.convert_transformer_xl(model)"
                 )
 
     def __getstate__(self):
