@@ -17,6 +17,16 @@ host-side launch noise); on CPU by ``time.perf_counter`` plus ``time.process_tim
 process's CPU time over all its threads, which other processes' load does not inflate (it
 does include idle worker threads spinning).
 
+What ran: the scripts import effattn as installed (an editable install of this checkout, or a
+wheel), and use the checkout's own package only where none is installed. Each family asks
+``require_backend`` for the effattn backend it measures (on CPU the C++ kernels, "cpu"; on CUDA,
+"triton"; or the one given with --backend), passes that name explicitly to every effattn call,
+so that no call can fall back to another backend, and writes it into every row it measures
+(``"backend"``; rows of other implementations name theirs: "sdpa", "flex_attention",
+"pytorch"). A family whose backend is missing refuses to run (``BackendMissing``) and says why:
+a checkout without the built extension would otherwise time the blockwise "torch" path, up to
+180x slower, under the C++ kernels' name. ``versions()`` records which effattn was imported.
+
 Peak memory (``PeakMemory``): on CUDA, ``torch.cuda.max_memory_allocated`` over the call minus
 what was allocated before it. On CPU (Linux), the growth of the process's resident set over
 the call: free heap memory is returned to the OS (``malloc_trim``) and the high-water mark
@@ -45,8 +55,37 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+try:  # the installed effattn first (module docstring)
+    import effattn  # noqa: F401
+except ImportError:  # run from a checkout without installing: its package, last on the path
+    sys.path.append(str(ROOT))
+
+# What each device's families measure when --backend is "auto": what effattn's "auto" picks
+# when everything is built.
+INTENDED_BACKEND = {"cpu": "cpu", "cuda": "triton"}
+
+
+class BackendMissing(RuntimeError):
+    """The effattn backend a family measures cannot run here (the message says why)."""
+
+
+def require_backend(family: str, device: str, backend: str = "auto") -> str:
+    """The effattn backend name ``family`` measures on ``device``: ``backend``, or for "auto"
+    the device's intended one (``INTENDED_BACKEND``). Raises BackendMissing when it cannot run
+    here. The family passes the name to every effattn call and records it in its rows."""
+    import effattn
+    from effattn.ops import dispatch
+
+    name = INTENDED_BACKEND[device] if backend == "auto" else backend
+    if name == "reference" or name in effattn.backends():
+        return name
+    why = dispatch.get(name).unavailable() if name in dispatch.NAMES[2:] else None
+    why = why or "effattn has no such backend"
+    raise BackendMissing(
+        f"{family} on {device} measures effattn backend {name!r}, which cannot run here: {why}. "
+        f"(effattn imported from {Path(effattn.__file__).parent}; --backend torch measures the "
+        "blockwise PyTorch path on purpose, where the script takes --backend.)"
+    )
 
 
 # --------------------------------------------------------------------------- machine
@@ -107,6 +146,8 @@ def versions() -> dict:
             return None
         return res.stdout.strip() if res.returncode == 0 else None
 
+    from effattn import _extension
+
     status = git("status", "--porcelain", "--untracked-files=no")
     return {
         "python": platform.python_version(),
@@ -114,6 +155,10 @@ def versions() -> dict:
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
         "effattn": getattr(effattn, "__version__", None),
+        # Which effattn ran, and with which compiled parts (module docstring).
+        "effattn_path": str(Path(effattn.__file__).parent),
+        "effattn_backends": effattn.backends(),
+        "effattn_extension": "loaded" if _extension.load() is not None else _extension.load_error,
         "git_commit": git("rev-parse", "HEAD"),
         # Uncommitted changes to tracked files: the commit alone does not describe the code.
         "git_dirty": None if status is None else bool(status),

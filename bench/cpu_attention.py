@@ -4,7 +4,8 @@ For each sequence length n (B=1, H=8, D=64, fp32) and each pattern (fixed(128, 1
 strided(128), and causal as a parity check), in one run:
 
     sdpa_causal   F.scaled_dot_product_attention(is_causal=True): the baseline of every ratio
-    effattn       effattn.sparse_attention(..., backend="cpu")
+    effattn       effattn.sparse_attention(..., backend="cpu"); refuses to run without the C++
+                  kernels (bench/common.py: what ran)
     sdpa_mask     SDPA with the pattern's dense bool mask [1, 1, n, n]
     flex          FlexAttention, torch.compile'd, forward only (it has no CPU backward)
 
@@ -43,6 +44,7 @@ from effattn import patterns  # noqa: E402
 from effattn.ops import cpu as cpu_ops  # noqa: E402
 
 FAMILY = "cpu_attention"
+BACKEND = "cpu"  # what this family measures: effattn's C++ CPU kernels
 H, D = 8, 64
 TARGET_N = 8192
 SLOW_S = 10.0
@@ -76,6 +78,10 @@ def make_inputs(n: int, grad: bool):
     return q, k, v, torch.randn(1, H, n, D, generator=g)
 
 
+BACKENDS = {"sdpa_causal": "sdpa", "sdpa_mask": "sdpa", "flex": "flex_attention"}
+"""What serves each method's calls; effattn's rows carry the effattn backend ("cpu")."""
+
+
 def runner(kind: str, pattern, n: int, backward: bool, state: dict):
     """A closure running one case, inputs created up front (outside the measured region)."""
     q, k, v, dout = make_inputs(n, backward)
@@ -89,7 +95,7 @@ def runner(kind: str, pattern, n: int, backward: bool, state: dict):
     if kind == "sdpa_causal":
         return lambda: finish(F.scaled_dot_product_attention(q, k, v, is_causal=True))
     if kind == "effattn":
-        return lambda: finish(effattn.sparse_attention(q, k, v, pattern, backend="cpu"))
+        return lambda: finish(effattn.sparse_attention(q, k, v, pattern, backend=BACKEND))
     if kind == "sdpa_mask":
         mask = pattern.mask(n, n)[None]
         return lambda: finish(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
@@ -112,6 +118,7 @@ def _measure_case(kind, pattern, n, passname, repeats, state) -> dict:
     """One timed case: its row with the samples, their summary and the extra peak memory."""
     fn = runner(kind, pattern, n, passname == "fwd+bwd", state)
     row = {"n": n, "method": kind, "pattern": pattern.name, "pass": passname}
+    row["backend"] = BACKENDS.get(kind, BACKEND)
     row.update(common.measure(fn, "cpu", repeats, slow_s=SLOW_S))
     if kind != "sdpa_causal":
         row["density_vs_causal"] = pattern.density(n) / patterns.causal().density(n)
@@ -145,8 +152,7 @@ def run(
     Defaults: n = 2048 .. 16384, 5 repeats, FlexAttention on; with quick, n = 2048, 4096,
     2 repeats and no FlexAttention (its compilation alone takes a minute).
     """
-    if "cpu" not in effattn.backends():
-        raise RuntimeError("effattn's C++ CPU kernels are not built: pip install -e .")
+    common.require_backend(FAMILY, "cpu", BACKEND)
     progress = progress or common.Progress(FAMILY)
     sizes = sizes or ([2048, 4096] if quick else [2048, 4096, 8192, 16384])
     repeats = repeats or (2 if quick else 5)
@@ -180,6 +186,7 @@ def run(
                             "method": "sdpa_mask",
                             "pattern": p.name,
                             "pass": passname,
+                            "backend": "sdpa",
                             "skipped": f"~{predicted / 1024:.1f} GB "
                             f"predicted > --mem-budget-gb {mem_budget_gb}",
                         }
@@ -335,7 +342,7 @@ def main(argv=None) -> int:
             False if args.no_flex else None,
             args.mem_budget_gb,
         )
-    except RuntimeError as e:
+    except common.BackendMissing as e:
         raise SystemExit(str(e)) from None
     print(HEADER)
     for r in doc["rows"]:

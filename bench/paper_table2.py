@@ -10,6 +10,9 @@ step; median, min, max and IQR) and its ratio to dense, beside the paper's ratio
     fixed    effattn fixed(128, 32), as the paper's enwik8 model (stride 128, c = 32)
     strided  effattn strided(128)
 
+effattn runs on the C++ kernels on CPU and Triton on GPU (or --backend); the run refuses to
+start when that backend cannot run (bench/common.py), and every row names what served it.
+
 Context 12,288 on GPU, 4,096 on CPU (`--context` to change). Medians over the timed
 iterations, after a warm-up iteration; every variant runs in the same process, one after the
 other, so that the ratios compare like with like.
@@ -80,12 +83,12 @@ class Stack(nn.Module):
         return self.head(self.norm(x))
 
 
-def build(variant: str, args, device: torch.device) -> nn.Module:
+def build(variant: str, args, device: torch.device, backend: str) -> nn.Module:
     """The stack with the same initial weights for every variant, its attention swapped."""
     torch.manual_seed(0)
     model = Stack(args.d_model, args.heads, args.layers).to(device)
     if variant != "dense":
-        replace_attention(model, PATTERNS[variant](), dropout=0.0)
+        replace_attention(model, PATTERNS[variant](), dropout=0.0, backend=backend)
     return model
 
 
@@ -108,6 +111,7 @@ def run(
     quick: bool,
     context: int | None = None,
     progress: common.Progress | None = None,
+    backend: str = "auto",
     **overrides,
 ) -> dict:
     """Time one training iteration per variant; returns the result document.
@@ -116,6 +120,7 @@ def run(
     """
     progress = progress or common.Progress(FAMILY)
     dev = torch.device(device)
+    backend = common.require_backend(FAMILY, dev.type, backend)
     args = argparse.Namespace(d_model=256, heads=4, layers=2, batch=1, iters=3 if quick else 5)
     vars(args).update(overrides)
     n = context or (12288 if dev.type == "cuda" else 4096)
@@ -126,9 +131,10 @@ def run(
     tokens = torch.randint(0, 256, (args.batch, n + 1), device=dev)
     rows = []
     for variant in ("dense", "fixed", "strided"):
-        step = training_step(build(variant, args, dev), tokens)
+        step = training_step(build(variant, args, dev, backend), tokens)
         # The warm-up iteration builds layouts and compiles kernels.
         row = {"variant": variant, "pattern": PATTERN_NAMES[variant]}
+        row["backend"] = "sdpa" if variant == "dense" else backend
         row.update(common.measure(step, dev.type, args.iters))
         # Density of the attention relative to causal (dense here is causal attention).
         pattern = PATTERNS[variant]() if variant != "dense" else patterns.causal()
@@ -145,8 +151,9 @@ def run(
         FAMILY,
         dev.type,
         info,
-        vars(args) | {"context": n, "quick": quick},
+        vars(args) | {"context": n, "quick": quick, "backend": backend},
         rows,
+        backend=backend,
         context=n,
         paper_time_per_iter=PAPER,
     )
@@ -177,8 +184,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="context <= 2048, 3 iterations")
     ap.add_argument("--context", type=int, default=None)
+    ap.add_argument("--backend", default="auto", help="effattn backend (default: the device's)")
     args = ap.parse_args(argv)
-    result = run(args.device, args.quick, args.context)
+    try:
+        result = run(args.device, args.quick, args.context, backend=args.backend)
+    except common.BackendMissing as e:
+        raise SystemExit(str(e)) from None
     print(table(result))
     out = common.write_json(result, common.result_path(FAMILY, args.device, args.quick))
     print(f"wrote {out}")

@@ -14,8 +14,13 @@ Families and the devices they run on:
 ``--device all`` (the default) means the CPU and, when present, the GPU; a GPU family or
 ``--device cuda`` without CUDA is skipped with a message. Each family prints its progress
 (case and elapsed time), then its table; its JSON (standard header of bench/common.py) goes to
-bench/results/<family>_<device>[_quick].json and its plots beside it as PNG.
-``python bench/report.py`` then puts the latest results into the README.
+bench/results/<family>_<device>[_quick].json and its plots beside it as PNG (--quick outputs
+are git-ignored). ``python bench/report.py --write-readme`` then puts the latest results into
+the README.
+
+A family whose effattn backend cannot run here (bench/common.py: the C++ CPU kernels not built,
+no Triton on the GPU) is refused with the reason; the others still run, and the exit status
+is 1.
 
 A full CPU run takes about 15 minutes on two quiet cores (FlexAttention's compilation, SDPA with
 dense masks up to n = 16384, and the vanilla side of the XL evaluation table dominate);
@@ -53,6 +58,7 @@ def run_sparse(device: str, quick: bool, progress: common.Progress) -> dict:
     header (that script is maintained separately and writes {"meta", "rows"})."""
     import sparse_attention
 
+    common.require_backend("sparse_attention", device, "triton")
     info = common.machine(device)
     argv = ["--quick"] if quick else []
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,11 +125,16 @@ def main(argv=None) -> int:
     todo = plan(devices, families)
     total = common.Progress("run")
     total(f"{len(todo)} runs: {', '.join(f'{n}/{d}' for n, d in todo) or 'nothing to do'}")
-    written = []
+    written, refused = [], []
     for i, (name, device) in enumerate(todo, 1):
         family = FAMILIES[name][0]
         total(f"({i}/{len(todo)}) {family} on {device}{' --quick' if args.quick else ''}")
-        doc = run_family(name, device, args.quick, common.Progress(f"{family}/{device}"))
+        try:
+            doc = run_family(name, device, args.quick, common.Progress(f"{family}/{device}"))
+        except common.BackendMissing as e:
+            total(f"refused {family} on {device}: {e}")
+            refused.append(f"{family}/{device}")
+            continue
         path = common.write_json(doc, common.result_path(family, device, args.quick))
         written.append(path)
         print(f"\n{report.TITLES[family][0]} ({doc['machine']['name']})\n")
@@ -135,7 +146,9 @@ def main(argv=None) -> int:
         print(
             f"wrote {path.relative_to(common.ROOT) if path.is_relative_to(common.ROOT) else path}"
         )
-    return 0
+    if refused:
+        print(f"refused (their effattn backend cannot run here): {', '.join(refused)}")
+    return 1 if refused else 0
 
 
 if __name__ == "__main__":

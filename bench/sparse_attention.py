@@ -34,23 +34,22 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (first: it decides which effattn is imported)
 
 import effattn  # noqa: E402
 from effattn import patterns  # noqa: E402
 
 H = 16
 TOKENS = 16384
-RESULTS = ROOT / "bench" / "results"
+RESULTS = common.RESULTS
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -90,6 +89,16 @@ def make_inputs(b, n, d, dtype):
     return q, k, v, dout
 
 
+BACKENDS = {
+    "sdpa_causal": "sdpa_flash",
+    "effattn": "triton",
+    "effattn_cuda": "cuda",
+    "flex": "flex_attention",
+    "reference": "reference",
+}
+"""What serves each method's calls (the effattn names are passed to sparse_attention as is)."""
+
+
 def method(kind, pattern, q, k, v, state):
     """A function computing the attention output for one method."""
     if kind == "sdpa_causal":
@@ -100,10 +109,8 @@ def method(kind, pattern, q, k, v, state):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
         return run
-    if kind == "effattn":
-        return lambda: effattn.sparse_attention(q, k, v, pattern, backend="triton")
-    if kind == "effattn_cuda":
-        return lambda: effattn.sparse_attention(q, k, v, pattern, backend="cuda")
+    if kind in ("effattn", "effattn_cuda"):
+        return lambda: effattn.sparse_attention(q, k, v, pattern, backend=BACKENDS[kind])
     if kind == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -145,10 +152,6 @@ def measure(fn, inputs, dout, backward: bool, rep_ms: int):
     return ms, peak
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
-
-
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -170,12 +173,23 @@ def main(argv=None) -> int:
     rep_ms = args.rep_ms or (50 if args.quick else 200)
     dtype = DTYPES[args.dtype]
     device = torch.cuda.get_device_name()
+    try:
+        common.require_backend("sparse_attention", "cuda", BACKENDS["effattn"])
+    except common.BackendMissing as e:
+        print(e)
+        return 1
     kinds = ["effattn", "reference"] + ([] if args.no_flex else ["flex"])
-    if "cuda" in effattn.backends():
+    skipped = {}
+    try:  # the CUDA C++ kernels are measured beside Triton when they are built
+        common.require_backend("sparse_attention", "cuda", BACKENDS["effattn_cuda"])
         kinds.insert(1, "effattn_cuda")
+    except common.BackendMissing as e:
+        skipped["effattn_cuda"] = str(e)
+        print(f"effattn_cuda skipped: {e}")
     rows, state = [], {}
 
     def record(**row):
+        row["backend"] = BACKENDS[row["method"]]
         rows.append(row)
         tf = row.get("tflops")
         print(
@@ -251,7 +265,7 @@ def main(argv=None) -> int:
 
     out = (
         args.out
-        or RESULTS / f"sparse_attention_{slug(device)}{'_quick' if args.quick else ''}.json"
+        or RESULTS / f"sparse_attention_{common.slug(device)}{'_quick' if args.quick else ''}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -264,6 +278,8 @@ def main(argv=None) -> int:
         "heads": H,
         "tokens_per_batch": TOKENS,
         "targets_met": ok,
+        "skipped": skipped,
+        "versions": common.versions(),
     }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"\nwrote {out}")

@@ -6,8 +6,8 @@ evaluation-speed table (issue 5, item 5).
     PyTorch, autograd for the backward), at L = M = 512 .. 4096, D = 64, forward and
     forward + backward: median time (with min, max and IQR) and the peak memory the call adds
     to its inputs (bench/common.py: CUDA max_memory_allocated, or on CPU the growth of the
-    resident set over the call). Backends: on CPU the one "auto" picks ("cpu" with the C++
-    extension, else the blockwise "torch" path), on GPU "triton".
+    resident set over the call). Backends: on CPU "cpu" (the C++ kernels), on GPU "triton", or
+    the one --backend names; the run refuses to start when it cannot run (bench/common.py).
 
 (b) ``eval``: the paper's Table (evaluation speed, Dai et al. 2019, section 4.3): a small
     Transformer-XL language model built from XLMultiheadAttention, evaluated at attention
@@ -46,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import effattn  # noqa: E402
-from effattn import functional  # noqa: E402
 from effattn.nn import XLMultiheadAttention  # noqa: E402
 
 FAMILY = "xl_attention"
@@ -115,6 +114,7 @@ def run_kernel_table(opts: dict, progress: common.Progress) -> list[dict]:
                         kernel_call(impl, mode, inputs, opts["backend"])
 
                 row = {"table": "kernel", "impl": impl, "mode": mode, "L": n, "M": n}
+                row["backend"] = opts["backend"] if impl == "effattn" else "pytorch"
                 row.update(common.measure(call, device, opts["repeats"]))
                 del call, inputs  # free this case's tensors before the next case allocates
                 if device == "cuda":
@@ -280,6 +280,7 @@ def eval_length(attn_len: int, opts: dict) -> dict:
     seg_token = segment["median_s"] / SEGMENT
     return {
         "table": "eval",
+        "backend": opts["backend"],  # both models are built from XLMultiheadAttention
         "attn_len": attn_len,
         "segment_len": SEGMENT,
         "segment_ms_per_token": seg_token * 1e3,
@@ -318,6 +319,7 @@ def run(
     With quick, L = M = 512, 1024, attention lengths 800 and 1800, fewer tokens.
     """
     progress = progress or common.Progress(FAMILY)
+    resolved = common.require_backend(FAMILY, device, backend)
     gpu = device == "cuda"
     opts = {
         "device": device,
@@ -325,7 +327,7 @@ def run(
         "batch": batch or (2 if gpu else 1),
         "heads": heads or (8 if gpu else 4),
         "repeats": repeats or (10 if gpu else 3),
-        "backend": backend,
+        "backend": resolved,
         "eval_batch": eval_batch,
         "sizes": sizes or ([512, 1024] if quick else [512, 1024, 2048, 4096]),
         # The vanilla side recomputes the whole window per token: about 100 s a token at 3800
@@ -337,8 +339,6 @@ def run(
         "only": only,
     }
     info = common.machine(device)
-    probe = torch.zeros(1, 1, 1, 64, device=device, dtype=getattr(torch, opts["dtype"]))
-    resolved = functional.backend_for("xl", probe, probe, backend=backend)
     progress(f"{info['name']}; effattn backend {resolved}; load {info['load_average']}")
     rows = []
     if only in (None, "kernel"):
@@ -423,17 +423,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    doc = run(
-        args.device,
-        args.quick,
-        args.only,
-        dtype=args.dtype,
-        batch=args.batch,
-        heads=args.heads,
-        repeats=args.repeats,
-        backend=args.backend,
-        eval_batch=args.eval_batch,
-    )
+    try:
+        doc = run(
+            args.device,
+            args.quick,
+            args.only,
+            dtype=args.dtype,
+            batch=args.batch,
+            heads=args.heads,
+            repeats=args.repeats,
+            backend=args.backend,
+            eval_batch=args.eval_batch,
+        )
+    except common.BackendMissing as e:
+        raise SystemExit(str(e)) from None
     print(table(doc))
     tag = "_".join(
         ([doc["backend"]] if args.backend != "auto" else []) + ([args.only] if args.only else [])

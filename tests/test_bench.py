@@ -3,6 +3,7 @@ configurations: the JSON schema, the tables, the plots and the README section. N
 assertions: these check that the suite runs and reports, not how fast anything is."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def check_header(doc, family):
         "machine"
     ].keys()
     assert {"torch", "triton", "python", "effattn", "git_commit"} <= doc["versions"].keys()
+    assert doc["versions"]["effattn_path"] == str(Path(effattn.__file__).parent)
+    assert doc["versions"]["effattn_extension"] == "loaded"
+    assert all("backend" in r for r in doc["rows"])  # what served every row
     json.dumps(doc)  # every figure serializable
 
 
@@ -74,6 +78,7 @@ def test_cpu_attention_schema(docs):
     assert ("effattn", "strided(128)", "fwd") in methods
     for r in doc["rows"]:
         assert TIMED <= r.keys() and r["ratio_to_sdpa_causal"] > 0
+        assert r["backend"] == {"effattn": "cpu"}.get(r["method"], "sdpa")
     assert "| 256 | `fixed(128, 16)` |" in cpu_attention.table(doc)
 
 
@@ -84,6 +89,8 @@ def test_xl_attention_schema(docs):
     assert {(r["impl"], r["mode"]) for r in kernel} == {
         (i, m) for i in ("original", "effattn") for m in ("fwd", "fwd+bwd")
     }
+    assert {r["backend"] for r in kernel if r["impl"] == "effattn"} == {"cpu"}
+    assert {r["backend"] for r in kernel if r["impl"] == "original"} == {"pytorch"}
     (ev,) = [r for r in doc["rows"] if r["table"] == "eval"]
     assert ev["attn_len"] == 800 and ev["paper_speedup"] == 363
     assert ev["first_step_logits_agree"] and ev["first_segment_logits_agree"]
@@ -95,6 +102,7 @@ def test_paper_table2_schema(docs):
     doc = docs[2]
     check_header(doc, "paper_table2")
     assert [r["variant"] for r in doc["rows"]] == ["dense", "fixed", "strided"]
+    assert [r["backend"] for r in doc["rows"]] == ["sdpa", "cpu", "cpu"]
     assert doc["rows"][0]["ratio_to_dense"] == 1.0
     assert "0.27 (0.35)" in paper_table2.table(doc)
 
@@ -160,3 +168,66 @@ def test_run_main_tiny(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "paper_table2_cpu_quick_table2.png").exists()
     with pytest.raises(SystemExit):
         run.main(["--families", "nope"])
+
+
+# --------------------------------------------------------------------------- what ran
+def test_bench_imports_the_installed_effattn():
+    """common.py puts the checkout on sys.path only where no effattn is installed, and last:
+    first, it would shadow an installed package (and its built extension)."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(BENCH)!r}); import common, effattn; "
+        f"print(effattn.__file__); print({str(common.ROOT)!r} in sys.path)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert res.returncode == 0, res.stderr
+    path, on_path = res.stdout.split()
+    assert Path(path).resolve() == Path(effattn.__file__).resolve() and on_path == "False"
+
+
+@pytest.fixture
+def no_cpu_kernels(monkeypatch):
+    """effattn as a checkout without the built extension shows itself."""
+    from effattn.ops import dispatch
+
+    why = "No module named 'effattn._C' (test)"
+    monkeypatch.setattr(dispatch.CpuBackend, "unavailable", lambda self: why)
+
+
+def test_families_refuse_to_run_without_their_backend(no_cpu_kernels):
+    for family, call in (
+        ("cpu_attention", lambda: cpu_attention.run(sizes=[256], repeats=1, flex=False)),
+        ("xl_attention", lambda: xl_attention.run("cpu", True, sizes=[128], eval_lengths=[800])),
+        ("paper_table2", lambda: tiny_table2("cpu", True)),
+    ):
+        with pytest.raises(common.BackendMissing) as info:
+            call()
+        msg = str(info.value)
+        assert family in msg and "'cpu'" in msg and "No module named 'effattn._C' (test)" in msg
+    # asked for by name, the blockwise path runs and says so
+    doc = xl_attention.run(
+        "cpu", True, "kernel", sizes=[64], repeats=1, backend="torch", eval_batch=1
+    )
+    assert {r["backend"] for r in doc["rows"] if r["impl"] == "effattn"} == {"torch"}
+
+
+def test_run_refuses_a_family_and_runs_the_others(no_cpu_kernels, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert run.main(["--device", "cpu", "--families", "cpu", "--quick", "--no-plots"]) == 1
+    out = capsys.readouterr().out
+    assert "refused cpu_attention on cpu" in out and "cannot run here" in out
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_report_writes_the_readme_only_when_asked(docs, tmp_path, capsys):
+    for doc in docs:
+        common.write_json(doc, tmp_path / f"{doc['family']}_cpu.json")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.START}\nold\n{report.END}\n")
+    args = ["--results", str(tmp_path), "--readme", str(readme)]
+    assert report.main(args) == 0
+    assert (
+        "old" in readme.read_text() and report.TITLES["xl_attention"][0] in capsys.readouterr().out
+    )
+    assert not list(tmp_path.glob("*.png"))  # printing draws nothing either
+    assert report.main([*args, "--write-readme"]) == 0
+    assert "old" not in readme.read_text() and list(tmp_path.glob("*.png"))

@@ -1,12 +1,21 @@
-"""The build: the compiled extension loads and reports itself; Triton AOT compiles for sm_80/90."""
+"""The build: the compiled extension loads and reports itself; an install without a compiler
+still succeeds; Triton AOT compiles for sm_80/90."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from effattn import _extension
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_extension_imports():
@@ -47,6 +56,82 @@ def test_num_threads():
     finally:
         mod.set_num_threads(n)
     assert mod.num_threads() == n
+
+
+# --------------------------------------------------------------------------------------------
+# installing without the extension
+# --------------------------------------------------------------------------------------------
+needs_build_tools = pytest.mark.skipif(
+    importlib.util.find_spec("pybind11") is None
+    or (importlib.util.find_spec("cmake") is None and shutil.which("cmake") is None),
+    reason="needs pybind11 and CMake (the build requirements)",
+)
+
+
+def _build_ext(tmp_path, **env):
+    """setup.py's build_ext into tmp_path, as pip's build step runs it: (exit code, output,
+    the build record, the files built)."""
+    lib = tmp_path / "lib"
+    cmd = [sys.executable, "setup.py", "build_ext", "--build-lib", str(lib)]
+    cmd += ["--build-temp", str(tmp_path / "temp")]
+    env = {**os.environ, "EFFATTN_BUILD_DIR": str(tmp_path / "cmake"), **env}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    record = json.loads((lib / "effattn" / "_build.json").read_text())
+    return res.returncode, res.stdout + res.stderr, record, sorted(lib.glob("effattn/_C*"))
+
+
+@needs_build_tools
+def test_a_failed_build_still_installs_with_one_warning(tmp_path):
+    rc, out, record, built = _build_ext(tmp_path, CXX="/bin/false", CC="/bin/false")
+    assert rc == 0, out
+    warnings = [ln for ln in out.splitlines() if 'building extension "effattn._C" failed' in ln]
+    assert len(warnings) == 1, out
+    assert "C++ CPU kernels are missing" in warnings[0] and "EFFATTN_SKIP_EXTENSION" in warnings[0]
+    assert "/bin/false" in warnings[0]  # the reason, from CMake's own message
+    assert record["extension"] == "failed" and "/bin/false" in record["reason"]
+    assert built == []
+
+
+@needs_build_tools
+def test_the_extension_can_be_skipped_on_purpose(tmp_path):
+    rc, out, record, built = _build_ext(tmp_path, EFFATTN_SKIP_EXTENSION="1")
+    assert rc == 0, out
+    assert "failed" not in out and "effattn build WARNING" not in out
+    assert record == {"extension": "skipped", "reason": "EFFATTN_SKIP_EXTENSION=1 at install",
+                      "cuda": False}  # fmt: skip
+    assert built == []
+
+
+@pytest.mark.parametrize("status", ["failed", "skipped", None])
+@pytest.mark.parametrize("checkout", [True, False])
+def test_missing_extension_advice_fits_the_install(tmp_path, monkeypatch, status, checkout):
+    package = tmp_path / "site" / "effattn"
+    package.mkdir(parents=True)
+    if checkout:
+        (package.parent / "setup.py").write_text("")
+    if status:
+        record = {"extension": status, "reason": "CMake configure failed: no compiler"}
+        (package / "_build.json").write_text(json.dumps(record))
+    monkeypatch.setattr(_extension, "_PACKAGE", package)
+    advice = _extension._advice(ImportError("No module named 'effattn._C'"))
+    if status == "failed":
+        assert "build failed at install (CMake configure failed: no compiler)" in advice
+        assert "C++17 compiler" in advice
+    elif status == "skipped":
+        assert "EFFATTN_SKIP_EXTENSION=1" in advice
+    else:
+        assert "No module named 'effattn._C'" in advice
+    if checkout:
+        assert f"pip install -e {package.parent}" in advice
+    else:
+        assert "--no-binary effattn" in advice and "pip install -e" not in advice
+    assert "EFFATTN_CUDA=1" in advice
+
+
+def test_build_record_of_this_install():
+    record = _extension.build_record()
+    if record is not None:  # an install by this setup.py: it built (test_extension_imports)
+        assert record["extension"] == "built" and record["reason"] is None
 
 
 # --------------------------------------------------------------------------------------------

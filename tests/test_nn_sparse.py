@@ -138,6 +138,28 @@ def test_full_pattern_equals_mha(kw, n_q, n_k, self_attn, batch_first, need_weig
         check_same(mha, sparse, args, {"need_weights": need_weights, "key_padding_mask": kpm_arg})
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_default_constructor_is_the_same_function_as_mha(batch_first):
+    """SparseMultiheadAttention(E, H) with nn.MultiheadAttention(E, H)'s seed: the same outputs
+    and gradients, with and without weights, L < S and L > S included (pattern full())."""
+    torch.manual_seed(7)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first, dtype=F64)
+    torch.manual_seed(7)
+    sparse = SparseMultiheadAttention(32, 4, batch_first=batch_first, dtype=F64)
+    assert sparse.pattern.name == P.full().name
+    for n_q, n_k, self_attn in ((23, 23, True), (9, 17, False), (17, 9, False)):
+        args = inputs(2, n_q, n_k, batch_first=batch_first, self_attn=self_attn)
+        for kwargs in ({}, {"need_weights": False}):
+            check_same(mha, sparse, args, kwargs)
+    # causal users say so: with a pattern, or per call
+    q, k, v = inputs(2, 19, 19, batch_first=batch_first)
+    want = mha(q, k, v, attn_mask=causal_mask(19), need_weights=False)[0]
+    assert torch.allclose(sparse(q, k, v, need_weights=False, is_causal=True)[0], want, **TOL)
+    torch.manual_seed(7)
+    causal = SparseMultiheadAttention(32, 4, P.causal(), batch_first=batch_first, dtype=F64)
+    assert torch.allclose(causal(q, k, v, need_weights=False)[0], want, **TOL)
+
+
 @pytest.mark.parametrize("average", [True, False])
 def test_weights_per_head_and_averaged(average):
     mha, sparse = pair(add_bias_kv=True)

@@ -45,9 +45,10 @@ class OriginalPositionalEmbedding(nn.Module):
 class OriginalRelPartialLearnableMultiHeadAttn(nn.Module):
     """A faithful re-implementation of the original layer (sequence-first, post-LN)."""
 
-    def __init__(self, n_head, d_model, d_head):
+    def __init__(self, n_head, d_model, d_head, pre_lnorm=False):
         super().__init__()
         self.n_head, self.d_model, self.d_head = n_head, d_model, d_head
+        self.pre_lnorm = pre_lnorm
         self.qkv_net = nn.Linear(d_model, 3 * n_head * d_head, bias=False)
         self.o_net = nn.Linear(n_head * d_head, d_model, bias=False)
         self.r_net = nn.Linear(d_model, n_head * d_head, bias=False)
@@ -66,7 +67,7 @@ class OriginalRelPartialLearnableMultiHeadAttn(nn.Module):
     def forward(self, w, r, r_w_bias, r_r_bias, attn_mask=None, mems=None):
         qlen, rlen, bsz = w.size(0), r.size(0), w.size(1)
         cat = w if mems is None else torch.cat([mems, w], 0)
-        w_heads = self.qkv_net(cat)
+        w_heads = self.qkv_net(self.layer_norm(cat) if self.pre_lnorm else cat)
         r_head_k = self.r_net(r)
         w_head_q, w_head_k, w_head_v = torch.chunk(w_heads, 3, dim=-1)
         w_head_q = w_head_q[-qlen:]
@@ -83,7 +84,8 @@ class OriginalRelPartialLearnableMultiHeadAttn(nn.Module):
         attn_prob = self.dropatt(F.softmax(attn_score, dim=1))
         attn_vec = torch.einsum("ijbn,jbnd->ibnd", attn_prob, w_head_v)
         attn_vec = attn_vec.contiguous().view(qlen, bsz, self.n_head * self.d_head)
-        return self.layer_norm(w + self.drop(self.o_net(attn_vec)))
+        out = w + self.drop(self.o_net(attn_vec))
+        return out if self.pre_lnorm else self.layer_norm(out)
 
 
 def original_step(layer, pos_emb, w, mems, mem_len, clamp_len, same_length, biases):
@@ -117,7 +119,7 @@ def test_original_layout_conversion(mem_len, clamp_len, same_length):
     ours = XLMultiheadAttention.from_transformer_xl(
         orig,
         mem_len=mem_len,
-        clamp_len=clamp_len or None,
+        clamp_len=clamp_len,  # the original's meaning: 0 is no clamp
         same_length=same_length,
         r_w_bias=r_w_bias,
         r_r_bias=r_r_bias,
@@ -144,6 +146,7 @@ def test_state_dict_conversion_errors():
     ours = module(mem_len=4)
     orig = OriginalRelPartialLearnableMultiHeadAttn(HEADS, D_MODEL, D_HEAD).double()
     sd = {f"layers.0.dec_attn.{k}": v for k, v in orig.state_dict().items()}
+    sd["r_w_bias"] = sd["r_r_bias"] = torch.zeros(HEADS, D_HEAD, dtype=torch.float64)
     ours.load_transformer_xl_state_dict(sd, prefix="layers.0.dec_attn.")
     assert torch.equal(ours.r_net.weight, orig.r_net.weight)
     with pytest.raises(KeyError, match="missing .r_net.weight"):
@@ -152,7 +155,7 @@ def test_state_dict_conversion_errors():
     with pytest.raises(ValueError, match="r_net.weight"):
         ours.load_transformer_xl_state_dict(bad)
     with pytest.raises(ValueError, match="r_w_bias and r_r_bias"):
-        XLMultiheadAttention.from_transformer_xl(orig, mem_len=4)
+        XLMultiheadAttention.from_transformer_xl(orig, mem_len=4, clamp_len=-1, same_length=False)
 
 
 # --------------------------------------------------------------------------- segments
@@ -381,3 +384,244 @@ def test_bad_forward_input():
         m(torch.zeros(1, 3, D_MODEL))
     with pytest.raises(ValueError, match="batch"):
         m(seq(2, 3), seq(1, 4))
+
+
+# --------------------------------------------------------------------------- issue 21
+class OriginalModel(nn.Module):
+    """The parts of kimiyoung/transformer-xl's MemTransformerLM that conversion reads: layers
+    holding ``dec_attn``, the shared biases and the settings its eval.py changes."""
+
+    def __init__(self, n_layer=2, mem_len=6, clamp_len=-1, same_length=False, pre_lnorm=False):
+        super().__init__()
+
+        class Layer(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.dec_attn = OriginalRelPartialLearnableMultiHeadAttn(
+                    HEADS, D_MODEL, D_HEAD, pre_lnorm
+                )
+
+        self.layers = nn.ModuleList(Layer() for _ in range(n_layer))
+        self.r_w_bias = nn.Parameter(torch.randn(HEADS, D_HEAD))
+        self.r_r_bias = nn.Parameter(torch.randn(HEADS, D_HEAD))
+        self.pos_emb = OriginalPositionalEmbedding(D_MODEL)
+        self.attn_type, self.tgt_len, self.ext_len, self.mem_len = 0, 4, 0, mem_len
+        self.clamp_len, self.same_length = clamp_len, same_length
+
+    def reset_length(self, tgt_len, ext_len, mem_len):
+        self.tgt_len, self.ext_len, self.mem_len = tgt_len, ext_len, mem_len
+
+    def layer_step(self, i, w, mems):
+        """One layer of MemTransformerLM._forward with the model's current settings."""
+        return original_step(
+            self.layers[i].dec_attn, self.pos_emb, w, mems, self.mem_len, self.clamp_len,
+            self.same_length, (self.r_w_bias, self.r_r_bias),
+        )  # fmt: skip
+
+
+def run_both(model, ours, x, seg_len=4):
+    """Layer 0 of the original and its converted module over x's segments: the largest
+    difference of the outputs (post-LN, as the original layer adds and normalizes)."""
+    ln = model.layers[0].dec_attn.layer_norm
+    mems = our_mems = None
+    worst = 0.0
+    for seg in x.split(seg_len):
+        want = model.layer_step(0, seg, mems)
+        out, our_mems = ours[0](seg, our_mems)
+        worst = max(worst, (ln(seg + out) - want).abs().max().item())
+        cat = seg if mems is None else torch.cat([mems, seg], 0)
+        mems = cat[max(0, cat.size(0) - model.mem_len) :]
+    return worst
+
+
+def test_convert_transformer_xl_carries_model_settings_and_biases():
+    from effattn.nn.xl import convert_transformer_xl
+
+    torch.manual_seed(3)
+    model = OriginalModel(mem_len=6, clamp_len=0).double()
+    ours = convert_transformer_xl(model, backend="torch")
+    assert isinstance(ours, nn.ModuleList) and len(ours) == 2
+    for m in ours:
+        assert (m.mem_len, m.clamp_len, m.same_length) == (6, None, False)
+        assert m.r_w_bias is model.r_w_bias and m.r_r_bias is model.r_r_bias
+        assert not m.batch_first
+    x = torch.randn(12, 2, D_MODEL, dtype=torch.float64)
+    assert run_both(model, ours, x) < 1e-12
+
+    # eval.py's changes on the model: the converted layers must not silently keep the old ones
+    model.reset_length(4, 0, 5)
+    model.clamp_len, model.same_length = 3, True
+    with pytest.raises(ValueError, match="mem_len=5.*convert_transformer_xl"):
+        ours[0](x[:4])
+    with pytest.raises(ValueError, match="clamp_len"):
+        ours[1].decode(x[:1])
+    ours = convert_transformer_xl(model, backend="torch")
+    assert (ours[0].mem_len, ours[0].clamp_len, ours[0].same_length) == (5, 3, True)
+    assert run_both(model, ours, x) < 1e-12
+
+    # the same settings set on the module by hand also satisfy the check
+    model.clamp_len = -1
+    ours[0].clamp_len = None
+    assert run_both(model, ours, x) < 1e-12
+    with pytest.raises(ValueError, match="clamp_len=None"):
+        ours[1](x[:4])  # the other layer still has the old setting
+    # a module changed on purpose while the model keeps its settings is the caller's choice
+    ours[0].clamp_len = 2
+    ours[0](x[:4])
+
+    model.r_w_bias = nn.Parameter(torch.zeros(HEADS, D_HEAD, dtype=torch.float64))
+    with pytest.raises(ValueError, match="r_w_bias"):
+        ours[0](x[:4])
+
+
+def test_convert_transformer_xl_refuses_what_it_cannot_carry():
+    from effattn.nn.xl import convert_transformer_xl
+
+    model = OriginalModel()
+    model.ext_len = 2
+    with pytest.raises(ValueError, match="ext_len"):
+        convert_transformer_xl(model)
+    model.ext_len, model.attn_type = 0, 1
+    with pytest.raises(ValueError, match="attn_type"):
+        convert_transformer_xl(model)
+    with pytest.raises(TypeError, match="layers"):
+        convert_transformer_xl(nn.Linear(2, 2))
+
+
+def test_load_state_dict_finds_model_level_biases():
+    torch.manual_seed(4)
+    model = OriginalModel().double()
+    ours = module(mem_len=4)
+    for prefix in ("", "module."):  # as saved, and as saved from nn.DataParallel
+        sd = {prefix + k: v for k, v in model.state_dict().items()}
+        for i in range(2):
+            ours.load_transformer_xl_state_dict(sd, prefix=f"{prefix}layers.{i}.dec_attn.")
+            assert torch.equal(ours.qkv_net.weight, model.layers[i].dec_attn.qkv_net.weight)
+            assert torch.equal(ours.r_w_bias, model.r_w_bias)
+            assert torch.equal(ours.r_r_bias, model.r_r_bias)
+    no_bias = {k: v for k, v in model.state_dict().items() if "bias" not in k}
+    with pytest.raises(KeyError, match="r_w_bias"):
+        ours.load_transformer_xl_state_dict(no_bias, prefix="layers.0.dec_attn.")
+
+
+def test_clamp_len_zero_means_no_clamp_in_the_original_only():
+    with pytest.raises(ValueError, match="clamp_len=0.*None"):
+        XLMultiheadAttention(D_MODEL, HEADS, clamp_len=0)
+    m = module(mem_len=4)
+    with pytest.raises(ValueError, match="clamp_len=0.*None"):
+        m.clamp_len = 0
+    orig = OriginalRelPartialLearnableMultiHeadAttn(HEADS, D_MODEL, D_HEAD)
+    bias = nn.Parameter(torch.zeros(HEADS, D_HEAD))
+    for original, ours in ((0, None), (-1, None), (None, None), (7, 7)):
+        conv = XLMultiheadAttention.from_transformer_xl(
+            orig, mem_len=4, clamp_len=original, same_length=False, r_w_bias=bias, r_r_bias=bias
+        )
+        assert conv.clamp_len == ours
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_empty_mems_tensor_is_no_memory(batch_first):
+    """The original's init_mems gives torch.empty(0) per layer."""
+    m = module(mem_len=4, batch_first=batch_first)
+    x = seq(2, 5) if batch_first else seq(2, 5).transpose(0, 1)
+    want, want_mems = m(x)
+    for empty in (torch.empty(0, dtype=torch.float64), x[:0] if not batch_first else x[:, :0]):
+        got, got_mems = m(x, empty)
+        assert torch.equal(got, want) and torch.equal(got_mems, want_mems)
+    with pytest.raises(ValueError, match="mems"):
+        m(x, torch.empty(0, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_empty_segment(batch_first):
+    m = module(mem_len=4, batch_first=batch_first)
+    t = (lambda a: a) if batch_first else (lambda a: a.transpose(0, 1))
+    for mems in (None, t(seq(2, 3))):
+        x = t(seq(2, 0)).requires_grad_(True)
+        m.zero_grad(set_to_none=True)
+        out, new_mems = m(x, mems)
+        assert out.shape == x.shape
+        if mems is None:
+            assert new_mems.numel() == 0
+        else:
+            assert torch.equal(new_mems, mems)
+        out.sum().backward()
+        for name, p in m.named_parameters():
+            assert p.grad is not None and not p.grad.any(), name
+        _, cache = m.decode(t(seq(2, 3)))
+        step, cache2 = m.decode(x.detach(), cache)
+        assert step.shape == x.shape and len(cache2) == 3
+
+
+def test_pre_lnorm_memory_is_the_raw_hidden_state():
+    """pre_lnorm=True: the original normalizes cat(mems, w) and keeps the raw hidden states as
+    memory. ``norm=`` does the same: the memory forward returns is the raw one."""
+    torch.manual_seed(5)
+    orig = OriginalRelPartialLearnableMultiHeadAttn(HEADS, D_MODEL, D_HEAD, pre_lnorm=True)
+    orig = orig.double()
+    with torch.no_grad():
+        orig.layer_norm.weight.uniform_(0.5, 2.0)  # an affine norm: normalizing twice shows
+        orig.layer_norm.bias.normal_()
+    biases = tuple(nn.Parameter(torch.randn(HEADS, D_HEAD, dtype=torch.float64)) for _ in "uv")
+    pos_emb = OriginalPositionalEmbedding(D_MODEL).double()
+    ours = XLMultiheadAttention.from_transformer_xl(
+        orig, mem_len=6, clamp_len=-1, same_length=False, r_w_bias=biases[0], r_r_bias=biases[1]
+    )
+    ln = orig.layer_norm
+    x = torch.randn(12, 2, D_MODEL, dtype=torch.float64)
+    mems = our_mems = normed_mems = wrong_mems = None
+    for i, seg in enumerate(x.split(4)):
+        want = original_step(orig, pos_emb, seg, mems, 6, -1, False, biases)
+        out, our_mems = ours(seg, our_mems, norm=ln)
+        assert torch.allclose(seg + out, want, atol=1e-12)
+        # normalizing outside gives normalized memory: pass it back as it is...
+        out2, normed_mems = ours(ln(seg), normed_mems)
+        assert torch.allclose(seg + out2, want, atol=1e-12)
+        # ...never through the norm again
+        out3, wrong_mems = ours(ln(seg), None if wrong_mems is None else ln(wrong_mems))
+        if i > 0:
+            assert not torch.allclose(seg + out3, want, atol=1e-3)
+        cat = seg if mems is None else torch.cat([mems, seg], 0)
+        mems = cat[-6:]  # the original's _update_mems keeps the raw hidden states
+        assert torch.equal(our_mems, mems)
+    _, cache = ours.decode(x[2:8], norm=ln)  # the last segment's memory, decoded
+    last, _ = ours.decode(x[8:], cache, norm=ln)
+    assert torch.allclose(x[8:] + last, want, atol=1e-12)
+
+
+def _rewrite(m, how, w):
+    """Replace r_net's weight by w the ways user code does (the cache must notice each)."""
+    if how == "data.copy_":
+        m.r_net.weight.data.copy_(w)
+    elif how == "data =":
+        m.r_net.weight.data = w.clone()
+    elif how == "assign":
+        sd = m.state_dict()
+        sd["r_net.weight"] = w.clone()
+        m.load_state_dict(sd, assign=True)
+    elif how == "new Parameter":
+        m.r_net.weight = nn.Parameter(w.clone())
+    elif how == "in place":
+        with torch.no_grad():
+            m.r_net.weight.copy_(w)
+    elif how == "one element":  # in the last row: the comparison covers every byte
+        # column 0 feeds sin(distance), which varies over the keys: a constant shift (a
+        # cos column at a low frequency) would not change the softmax
+        m.r_net.weight.data[-1, 0] += 1.0
+
+
+@pytest.mark.parametrize(
+    "how", ["data.copy_", "data =", "assign", "new Parameter", "in place", "one element"]
+)
+def test_decode_never_serves_relative_embeddings_of_old_weights(how):
+    m = module(mem_len=4)
+    past, x = seq(1, 3), seq(1, 1, seed=5)
+    with torch.no_grad():
+        _, cache = m.decode(past)
+        _rewrite(m, how, torch.randn_like(m.r_net.weight))
+        got, cache = m.decode(x, cache)
+        _, mems = m(past)
+        assert torch.allclose(got, m(x, mems)[0], atol=1e-12)
+        # and the recomputed embeddings are served again while the weights stay
+        again, _ = m.decode(x, cache)
+        assert again.shape == got.shape

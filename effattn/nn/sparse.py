@@ -94,9 +94,11 @@ class SparseMultiheadAttention(nn.Module):
 
     The constructor, parameters (``in_proj_weight`` or ``q/k/v_proj_weight``, ``in_proj_bias``,
     ``bias_k``, ``bias_v``, ``out_proj``), their initialization and the forward signature are
-    those of ``nn.MultiheadAttention``; state_dicts load both ways. With ``patterns.full()`` the
-    outputs equal ``nn.MultiheadAttention``'s, with ``patterns.causal()`` those it gives with a
-    causal mask.
+    those of ``nn.MultiheadAttention``; state_dicts load both ways. The default pattern is
+    ``patterns.full()``, so ``SparseMultiheadAttention(E, H)`` computes the same function as
+    ``nn.MultiheadAttention(E, H)`` created with the same seed; causal attention is asked for
+    with a pattern (``patterns.causal()``, or a causal ``strided`` / ``fixed`` / ``local``) or
+    per call with ``is_causal=True``.
 
     Positions: query row i sits at ``i + S - L`` (queries aligned to the end of the keys, as in
     :func:`effattn.sparse_attention`); L > S is served only by ``full()``. Keys appended by
@@ -110,7 +112,8 @@ class SparseMultiheadAttention(nn.Module):
             width E // num_heads must be at most 256 (widths below 16 are zero-padded to 16).
         num_heads: H.
         pattern: an :class:`effattn.patterns.Pattern` (e.g. ``patterns.strided(128)``); H must
-            be a multiple of its ``head_divisor``.
+            be a multiple of its ``head_divisor``. Default ``patterns.full()`` (dense, not
+            causal: nn.MultiheadAttention's function).
         dropout: attention-probability dropout; see :meth:`forward` (the kernels have none).
         bias: biases on the input and output projections.
         add_bias_kv: learn one extra key and value (``bias_k``, ``bias_v`` [1, 1, E]).
@@ -125,7 +128,7 @@ class SparseMultiheadAttention(nn.Module):
         self,
         embed_dim: int,
         num_heads: int,
-        pattern: Pattern = patterns.causal(),
+        pattern: Pattern = patterns.full(),
         dropout: float = 0.0,
         bias: bool = True,
         add_bias_kv: bool = False,

@@ -16,11 +16,30 @@ kimiyoung/transformer-xl's ``RelPartialLearnableMultiHeadAttn`` holds
   or ``w + o_net(attn)`` with the qkv taken from ``layer_norm(cat(mems, w))``.
 
 This module keeps exactly the four projections and the two biases under the same names, so the
-weights copy over unchanged (:meth:`XLMultiheadAttention.from_transformer_xl`,
-:meth:`XLMultiheadAttention.load_transformer_xl_state_dict`); the layer norm and the residual
-stay in the caller's block, as with ``nn.MultiheadAttention`` (post-LN:
-``ln(x + attn(x, mems)[0])``; pre-LN: ``x + attn(ln(x), ln(mems))[0]``, keeping the raw ``x``
-as the next memory).
+weights copy over unchanged; the layer norm and the residual stay in the caller's block, as with
+``nn.MultiheadAttention``:
+
+* post-LN (``pre_lnorm=False``): ``out, mems = attn(x, mems); y = ln(x + out)``;
+* pre-LN (``pre_lnorm=True``): ``out, mems = attn(x, mems, norm=ln); y = x + out``. The
+  original normalizes ``cat(mems, w)`` inside the layer and keeps the *raw* hidden states as
+  memory; with ``norm`` this module does the same, so the ``mems`` it returns are the raw ones,
+  like the original's (and its ``init_mems`` / ``_update_mems`` lists interchange with them).
+  Normalizing outside instead (``attn(ln(x), mems)``) returns normalized memory: pass it back
+  as it is, never through ``ln`` again.
+
+Converting a model
+------------------
+:func:`convert_transformer_xl` is the one way to convert a whole ``MemTransformerLM``: one
+module per layer, with the model's ``mem_len``, ``clamp_len`` and ``same_length`` and its shared
+``r_w_bias`` / ``r_r_bias`` (by reference). The modules remember the model: when its settings
+change afterwards (``reset_length``, ``clamp_len``, ``same_length``, as the original's eval.py
+does) or its biases are replaced, the next call raises instead of running with the old ones.
+:meth:`XLMultiheadAttention.from_transformer_xl` converts one layer, with the model-level
+settings passed explicitly; :meth:`XLMultiheadAttention.load_transformer_xl_state_dict` copies
+a checkpoint's weights, finding the biases in the layer or at model level.
+
+The original's ``clamp_len <= 0`` means "no clamp"; here that is ``clamp_len=None`` and the
+converters map it. This module rejects ``clamp_len=0`` (it would clamp every distance to 0).
 
 The original tensors are sequence-first ([len, batch, d_model]: ``batch_first=False``) and
 its relative embeddings are ordered from the largest distance down to 0: ``pos_seq =
@@ -38,15 +57,22 @@ Memory and decoding
 -------------------
 ``forward(x, mems)`` attends from the segment ``x`` to ``cat(mems, x)`` and returns
 ``new_mems``, the last ``mem_len`` of those hidden states, detached (the original's
-``_update_mems`` with ``ext_len = 0``). ``decode(x, cache)`` gives the same outputs as
+``_update_mems`` with ``ext_len = 0``); ``mems`` may be None or empty (the original's
+``init_mems`` gives ``torch.empty(0)``), and an empty segment gives an empty output.
+``decode(x, cache)`` gives the same outputs as
 ``forward(x, mems)`` for the positions the cache stands for, but keeps their *projected* keys
 and values (at most ``mem_len``) and the projected relative embeddings, so a token costs one
 projection of itself and O(mem_len) attention; nothing is recomputed. Keys carry no absolute
-position in Transformer-XL, so cached keys stay valid as the window slides.
+position in Transformer-XL, so cached keys stay valid as the window slides. The relative
+embeddings are served from the cache only while ``r_net.weight`` holds the values they were
+computed from (compared element by element on every call: an optimizer step, ``.data.copy_``,
+``.data = w`` or ``load_state_dict(assign=True)`` all make it recompute); the projected keys and
+values in a cache stand for the weights at the time they were computed, as in any KV cache.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import weakref
 from dataclasses import dataclass
@@ -57,10 +83,38 @@ from torch import nn
 from effattn.functional import BACKENDS as _BACKENDS
 from effattn.functional import MAX_HEAD_DIM, MIN_HEAD_DIM, xl_attention
 
-__all__ = ["XLCache", "XLMultiheadAttention", "sinusoid_embedding"]
+__all__ = ["XLCache", "XLMultiheadAttention", "convert_transformer_xl", "sinusoid_embedding"]
 
-_ORIGINAL = ("qkv_net", "r_net", "o_net", "r_w_bias", "r_r_bias")
+_WEIGHTS = ("qkv_net.weight", "r_net.weight", "o_net.weight")
+_BIASES = ("r_w_bias", "r_r_bias")
 """The original layer's parameters this module takes over (by the same names)."""
+
+
+def _original_clamp_len(clamp_len) -> int | None:
+    """The original's clamp_len (<= 0 or None: no clamp) as this module's (None: no clamp)."""
+    if clamp_len is None:
+        return None
+    if isinstance(clamp_len, bool) or not isinstance(clamp_len, int):
+        raise TypeError(f"clamp_len must be an int or None, got {type(clamp_len).__name__}")
+    return clamp_len if clamp_len > 0 else None
+
+
+def _model_settings(model: nn.Module) -> dict:
+    """The model-level settings of a MemTransformerLM that shape every layer's attention."""
+    ext_len = getattr(model, "ext_len", 0) or 0
+    if ext_len:
+        raise ValueError(
+            f"the Transformer-XL model has ext_len={ext_len}: extended context (memory that "
+            "ends ext_len tokens before the segment's end) is not implemented; use ext_len=0"
+        )
+    mem_len = getattr(model, "mem_len", None)
+    if isinstance(mem_len, bool) or not isinstance(mem_len, int) or mem_len < 0:
+        raise ValueError(f"the Transformer-XL model's mem_len must be an int >= 0, got {mem_len!r}")
+    return {
+        "mem_len": mem_len,
+        "clamp_len": _original_clamp_len(getattr(model, "clamp_len", None)),
+        "same_length": bool(getattr(model, "same_length", False)),
+    }
 
 
 def sinusoid_embedding(
@@ -112,8 +166,8 @@ class XLCache:
             n <= mem_len positions (views into the shared storage).
         r: [H, R, d_head] projected relative embeddings by distance (enough for n + 1 keys).
         owner: the module that made it (weak reference).
-        r_version: version counter of ``r_net.weight`` when ``r`` was computed; an in-place
-            weight update (an optimizer step) makes ``decode`` recompute ``r``.
+        r_weight: a copy of ``r_net.weight`` as it was when ``r`` was computed; ``decode``
+            recomputes ``r`` whenever the weight's values differ from it.
     """
 
     store: _Store
@@ -121,7 +175,7 @@ class XLCache:
     length: int
     r: torch.Tensor
     owner: weakref.ref
-    r_version: int
+    r_weight: torch.Tensor
 
     @property
     def k(self) -> torch.Tensor:
@@ -144,7 +198,9 @@ class XLMultiheadAttention(nn.Module):
         d_head: width of a head, default d_model // num_heads; 16 <= d_head <= 256.
         mem_len: M, the number of past hidden states kept as memory (``new_mems``) and as
             cached keys/values in ``decode``; 0 keeps none.
-        clamp_len: distances above clamp_len use the embedding of clamp_len (None: no clamp).
+        clamp_len: distances above clamp_len use the embedding of clamp_len; None (the
+            default) is no clamp. 0 is rejected: the original's ``clamp_len <= 0`` means no
+            clamp, which is None here (the converters map it).
         same_length: every query attends to exactly its last ``mem_len`` positions
             (window = mem_len), as the original's ``same_length``; needs mem_len >= 1.
         dropout: dropout on the output (the original's ``drop`` after ``o_net``).
@@ -189,12 +245,6 @@ class XLMultiheadAttention(nn.Module):
             d_head = d_model // num_heads
         if not MIN_HEAD_DIM <= d_head <= MAX_HEAD_DIM:
             raise ValueError(f"d_head must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d_head}")
-        if isinstance(mem_len, bool) or not isinstance(mem_len, int) or mem_len < 0:
-            raise ValueError(f"mem_len must be an int >= 0, got {mem_len!r}")
-        if clamp_len is not None and (not isinstance(clamp_len, int) or clamp_len < 0):
-            raise ValueError(f"clamp_len must be None or an int >= 0, got {clamp_len!r}")
-        if same_length and mem_len < 1:
-            raise ValueError("same_length=True needs mem_len >= 1 (the window is mem_len)")
         for name, p in (("dropout", dropout), ("dropatt", dropatt)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
@@ -202,7 +252,11 @@ class XLMultiheadAttention(nn.Module):
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.num_heads, self.d_head = d_model, num_heads, d_head
+        # Set by convert_transformer_xl: the original model and its settings at conversion.
+        self._source: weakref.ref | None = None
+        self._source_settings: dict | None = None
         self.mem_len, self.clamp_len, self.same_length = mem_len, clamp_len, same_length
+        self._check_settings()
         self.dropatt, self.batch_first, self.backend = dropatt, batch_first, backend
         self.scale = 1.0 / math.sqrt(d_head)
         inner = num_heads * d_head
@@ -221,6 +275,90 @@ class XLMultiheadAttention(nn.Module):
                 )
             setattr(self, name, shared)
 
+    # ----------------------------------------------------------------------- settings
+    @property
+    def mem_len(self) -> int:
+        """M: hidden states kept as memory (``new_mems``) and as cached keys in ``decode``."""
+        return self._mem_len
+
+    @mem_len.setter
+    def mem_len(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"mem_len must be an int >= 0, got {value!r}")
+        self._mem_len = value
+
+    @property
+    def clamp_len(self) -> int | None:
+        """Distances above clamp_len use clamp_len's embedding; None: no clamp."""
+        return self._clamp_len
+
+    @clamp_len.setter
+    def clamp_len(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"clamp_len must be None or an int >= 1, got {value!r}")
+        if value is not None and value < 1:
+            raise ValueError(
+                f"clamp_len={value} would clamp every distance to {max(value, 0)}: for no clamp "
+                "(what the original's clamp_len <= 0 means) pass clamp_len=None"
+            )
+        self._clamp_len = value
+
+    @property
+    def same_length(self) -> bool:
+        """Every query attends to exactly its last mem_len positions (window = mem_len)."""
+        return self._same_length
+
+    @same_length.setter
+    def same_length(self, value: bool) -> None:
+        if not isinstance(value, (bool, int)):
+            raise ValueError(f"same_length must be a bool, got {value!r}")
+        self._same_length = bool(value)
+
+    def _settings(self) -> dict:
+        return {
+            "mem_len": self.mem_len,
+            "clamp_len": self.clamp_len,
+            "same_length": self.same_length,
+        }
+
+    def _check_settings(self) -> None:
+        """The settings agree with each other and, after convert_transformer_xl, with the
+        original model's, unless the model's changed since and this module's did not follow."""
+        if self.same_length and self.mem_len < 1:
+            raise ValueError("same_length=True needs mem_len >= 1 (the window is mem_len)")
+        model = None if self._source is None else self._source()
+        if model is None:
+            return
+        now, mine = _model_settings(model), self._settings()
+        if now != self._source_settings:
+            if now != mine:
+                changed = ", ".join(
+                    f"{k}={now[k]!r} (this module: {mine[k]!r})" for k in now if now[k] != mine[k]
+                )
+                raise ValueError(
+                    f"the Transformer-XL model this module was converted from now has {changed}: "
+                    "settings changed on the model after conversion (reset_length, clamp_len, "
+                    "same_length, as the original's eval.py does) do not reach converted layers; "
+                    "convert again with effattn.nn.convert_transformer_xl(model), or set the "
+                    "same on every converted module"
+                )
+            self._source_settings = now
+        for name in _BIASES:
+            theirs = getattr(model, name, None)
+            if isinstance(theirs, nn.Parameter) and theirs is not getattr(self, name):
+                raise ValueError(
+                    f"the Transformer-XL model's {name} is no longer the Parameter this module "
+                    "shares (replaced after conversion, e.g. by load_state_dict(assign=True)): "
+                    "convert again with effattn.nn.convert_transformer_xl(model)"
+                )
+
+    def __getstate__(self):
+        # The link to the original model is a weak reference, which pickle cannot store: a
+        # saved module loads unlinked.
+        state = self.__dict__.copy()
+        state["_source"] = state["_source_settings"] = None
+        return state
+
     # ----------------------------------------------------------------------- conversion
     @classmethod
     def from_transformer_xl(
@@ -228,33 +366,37 @@ class XLMultiheadAttention(nn.Module):
         layer: nn.Module,
         *,
         mem_len: int,
-        clamp_len: int | None = None,
-        same_length: bool = False,
+        clamp_len: int | None,
+        same_length: bool,
         r_w_bias: nn.Parameter | None = None,
         r_r_bias: nn.Parameter | None = None,
         batch_first: bool = False,
         backend: str = "auto",
     ) -> XLMultiheadAttention:
-        """A module with the weights of an original ``RelPartialLearnableMultiHeadAttn``.
+        """A module with the weights of one original ``RelPartialLearnableMultiHeadAttn``.
+
+        For a whole model use :func:`convert_transformer_xl`, which reads the settings and
+        biases from the model and notices when they change.
 
         Args:
             layer: the original layer (attributes n_head, d_head, d_model, qkv_net, r_net,
                 o_net; r_w_bias / r_r_bias if the layer owns them, as with untie_r).
-            mem_len, clamp_len, same_length: the original model's settings
-                (clamp_len <= 0 in the original means no clamp: pass None).
+            mem_len, clamp_len, same_length: the original *model's* settings (they live on
+                MemTransformerLM, not on the layer, so they must be given). ``clamp_len`` in
+                the original's meaning: None or <= 0 is no clamp.
             r_w_bias, r_r_bias: the model's shared biases [n_head, d_head] (MemTransformerLM's
                 r_w_bias, r_r_bias), shared by reference, not copied.
             batch_first: False keeps the original's [len, batch, d_model] layout.
 
         The layer norm and residual of the original layer are not part of this module
-        (module docstring). Weights are copied; the biases given are shared.
+        (module docstring). Weights are copied; the biases are shared.
         """
         w_bias = r_w_bias if r_w_bias is not None else getattr(layer, "r_w_bias", None)
         r_bias = r_r_bias if r_r_bias is not None else getattr(layer, "r_r_bias", None)
         if w_bias is None or r_bias is None:
             raise ValueError(
                 "r_w_bias and r_r_bias are needed: pass the model's shared biases "
-                "(MemTransformerLM.r_w_bias / r_r_bias)"
+                "(MemTransformerLM.r_w_bias / r_r_bias), or use convert_transformer_xl(model)"
             )
         weight = layer.qkv_net.weight
         module = cls(
@@ -262,7 +404,7 @@ class XLMultiheadAttention(nn.Module):
             layer.n_head,
             layer.d_head,
             mem_len=mem_len,
-            clamp_len=clamp_len,
+            clamp_len=_original_clamp_len(clamp_len),
             same_length=same_length,
             dropout=float(getattr(getattr(layer, "drop", None), "p", 0.0)),
             dropatt=float(getattr(getattr(layer, "dropatt", None), "p", 0.0)),
@@ -273,33 +415,52 @@ class XLMultiheadAttention(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
-        module.load_transformer_xl_state_dict(
-            {k: v for k, v in layer.state_dict().items() if k.split(".")[0] in _ORIGINAL}
-        )
+        module._load_original(layer.state_dict(), "", biases=False)
         return module
 
     def load_transformer_xl_state_dict(self, state_dict, prefix: str = "") -> None:
-        """Copy original-layout weights: ``qkv_net.weight``, ``r_net.weight``,
-        ``o_net.weight`` and, when present, ``r_w_bias``, ``r_r_bias`` (under ``prefix``).
+        """Copy original-layout weights: ``qkv_net.weight``, ``r_net.weight``, ``o_net.weight``
+        under ``prefix``, and ``r_w_bias``, ``r_r_bias``.
 
-        The names and layouts are the original's (module docstring), so this is a checked
-        copy; other keys (layer_norm.*) are ignored.
+        The biases are looked up under ``prefix`` first (a layer that owns them), then at each
+        level above it: for ``prefix="layers.3.dec_attn."`` also ``layers.3.r_w_bias``,
+        ``layers.r_w_bias`` and ``r_w_bias``, where MemTransformerLM keeps the pair its layers
+        share. Missing weights or biases raise ``KeyError``; nothing is copied then. The names
+        and layouts are the original's (module docstring); other keys (layer_norm.*) are
+        ignored.
         """
-        own = {"qkv_net.weight": self.qkv_net.weight, "r_net.weight": self.r_net.weight}
-        own["o_net.weight"] = self.o_net.weight
-        optional = {"r_w_bias": self.r_w_bias, "r_r_bias": self.r_r_bias}
+        self._load_original(state_dict, prefix, biases=True)
+
+    def _load_original(self, state_dict, prefix: str, biases: bool) -> None:
+        pairs = []
+
+        def take(key: str, param: nn.Parameter) -> None:
+            src = state_dict[key]
+            if tuple(src.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{key}: shape {tuple(src.shape)} does not match {tuple(param.shape)} "
+                    f"(n_head={self.num_heads}, d_head={self.d_head})"
+                )
+            pairs.append((src, param))
+
+        for name in _WEIGHTS:
+            if prefix + name not in state_dict:
+                raise KeyError(f"missing {prefix + name!r} in the original state dict")
+            take(prefix + name, self.get_parameter(name))
+        for name in _BIASES if biases else ():
+            parts = prefix.split(".")[:-1] if prefix else []
+            keys = [".".join([*parts[:i], name]) for i in range(len(parts), -1, -1)]
+            key = next((k for k in keys if k in state_dict), None)
+            if key is None:
+                raise KeyError(
+                    f"{name} is neither in the layer ({prefix + name!r}) nor at any level above "
+                    f"it ({', '.join(repr(k) for k in keys[1:]) or 'none'}): pass the model's "
+                    "whole state dict (MemTransformerLM keeps the biases its layers share at "
+                    "its top level)"
+                )
+            take(key, getattr(self, name))
         with torch.no_grad():
-            for name, param in {**own, **optional}.items():
-                src = state_dict.get(prefix + name)
-                if src is None:
-                    if name in own:
-                        raise KeyError(f"missing {prefix + name!r} in the original state dict")
-                    continue
-                if tuple(src.shape) != tuple(param.shape):
-                    raise ValueError(
-                        f"{prefix + name}: shape {tuple(src.shape)} does not match "
-                        f"{tuple(param.shape)} (n_head={self.num_heads}, d_head={self.d_head})"
-                    )
+            for src, param in pairs:
                 param.copy_(src)
 
     # ----------------------------------------------------------------------- helpers
@@ -389,33 +550,59 @@ class XLMultiheadAttention(nn.Module):
             backend=self.backend,
         )
         b, _, n, _ = out.shape
-        return self.drop(self.o_net(out.transpose(1, 2).reshape(b, n, -1)))
+        # The width is spelled out: with n = 0 (an empty segment) -1 is ambiguous.
+        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.d_head)
+        return self.drop(self.o_net(out))
+
+    @staticmethod
+    def _check_norm(norm) -> None:
+        if norm is not None and not callable(norm):
+            raise TypeError(
+                f"norm must be None or a callable (a LayerNorm), got {type(norm).__name__}"
+            )
+
+    def _check_mems(self, mems, x: torch.Tensor) -> torch.Tensor | None:
+        """mems as a tensor with positions, or None for no memory (None, the original's
+        ``torch.empty(0)``, or zero positions)."""
+        if mems is None:
+            return None
+        if isinstance(mems, torch.Tensor) and mems.dim() == 1 and mems.numel() == 0:
+            return None
+        self._check_x(mems, "mems")
+        batch_dim = 0 if self.batch_first else 1
+        if mems.shape[batch_dim] != x.shape[batch_dim]:
+            raise ValueError(f"mems has batch {mems.shape[batch_dim]}, x has {x.shape[batch_dim]}")
+        return None if mems.shape[1 - batch_dim] == 0 else mems
 
     # ----------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, mems: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, mems: torch.Tensor | None = None, *, norm=None):
         """Attend from the segment x to cat(mems, x).
 
         Args:
-            x: [B, L, d_model] ([L, B, d_model] with batch_first=False), the segment.
-            mems: None or [B, M, d_model] ([M, B, d_model]) earlier hidden states (any M).
+            x: [B, L, d_model] ([L, B, d_model] with batch_first=False), the segment; L may
+                be 0.
+            mems: None, an empty tensor (the original's ``init_mems``) or [B, M, d_model]
+                ([M, B, d_model]) earlier hidden states (any M).
+            norm: the pre-LN block's layer norm (the original's ``pre_lnorm=True``): x and
+                mems are normalized before the projections, while ``new_mems`` keep the raw
+                hidden states, as the original does (module docstring).
 
         Returns:
             (out, new_mems): out shaped like x; new_mems the last mem_len positions of
             cat(mems, x), detached, in x's layout (None when mem_len == 0).
         """
         self._check_training()
+        self._check_settings()
         self._check_x(x)
-        if mems is not None:
-            self._check_x(mems, "mems")
-            batch_dim = 0 if self.batch_first else 1
-            if mems.shape[batch_dim] != x.shape[batch_dim]:
-                raise ValueError(
-                    f"mems has batch {mems.shape[batch_dim]}, x has {x.shape[batch_dim]}"
-                )
+        self._check_norm(norm)
+        mems = self._check_mems(mems, x)
         if not self.batch_first:
             x = x.transpose(0, 1)
             mems = None if mems is None else mems.transpose(0, 1)
-        q, k, v = self._project(x, mems)
+        h, h_mems = x, mems
+        if norm is not None:
+            h, h_mems = norm(x), None if mems is None else norm(mems)
+        q, k, v = self._project(h, h_mems)
         out = self._attend(q, k, v, self.relative_embeddings(self._num_r(k.shape[2])))
         new_mems = None
         if self.mem_len > 0:
@@ -482,13 +669,14 @@ class XLMultiheadAttention(nn.Module):
         k[:, :, n : n + t], v[:, :, n : n + t] = k_new, v_new
         return _Store(k, v, n + t), 0, k[:, :, : n + t], v[:, :, : n + t]
 
-    def decode(self, x: torch.Tensor, cache: XLCache | None = None):
+    def decode(self, x: torch.Tensor, cache: XLCache | None = None, *, norm=None):
         """Incremental evaluation: ``forward(x, mems)`` from cached projections.
 
         Args:
             x: [B, T, d_model] ([T, B, d_model] with batch_first=False) new positions,
                 typically T = 1.
             cache: None (no history) or the XLCache returned by the previous call.
+            norm: as in :meth:`forward` (pre-LN): x is normalized before its projections.
 
         Returns:
             (out, cache): out shaped like x, equal to ``forward(x, mems)[0]`` where mems are
@@ -500,23 +688,106 @@ class XLMultiheadAttention(nn.Module):
             copies instead of overwriting.
         """
         self._check_training()
+        self._check_settings()
         self._check_x(x)
+        self._check_norm(norm)
         if not self.batch_first:
             x = x.transpose(0, 1)
         if cache is not None:
             self._check_cache(cache, x)
-        q, k_new, v_new = self._project(x, None)
+        q, k_new, v_new = self._project(x if norm is None else norm(x), None)
         store, start, k, v = self._append(cache, k_new, v_new)
         n_r = self._num_r(k.shape[2])
-        version = self.r_net.weight._version
-        if cache is not None and cache.r.shape[1] >= n_r and cache.r_version == version:
-            r_all = cache.r
+        w = self.r_net.weight
+        if cache is not None and cache.r.shape[1] >= n_r and _same_values(cache.r_weight, w):
+            r_all, r_weight = cache.r, cache.r_weight
         else:
             # Enough rows for every later call with T = 1 too: a full cache plus the token.
             r_all = self.relative_embeddings(max(n_r, self._num_r(self.mem_len + 1)))
+            r_weight = w.detach().clone()
         out = self._attend(q, k, v, r_all[:, :n_r])
         keep = min(k.shape[2], self.mem_len)
-        cache = XLCache(store, start + k.shape[2] - keep, keep, r_all, weakref.ref(self), version)
+        cache = XLCache(store, start + k.shape[2] - keep, keep, r_all, weakref.ref(self), r_weight)
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, cache
+
+
+def _libc_memcmp():
+    try:
+        memcmp = ctypes.CDLL(None).memcmp
+    except (OSError, AttributeError, TypeError):  # no C library symbols in this process
+        return None
+    memcmp.restype = ctypes.c_int
+    memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return memcmp
+
+
+_MEMCMP = _libc_memcmp()
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether b holds exactly a's bits. Nothing cheaper is safe: ``.data.copy_`` changes a
+    parameter's values and neither its version counter nor its storage. On CPU memcmp reads
+    both at memory speed (6-7x faster than torch.equal); bits rather than values, so that a
+    weight holding NaN still matches its copy."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if _MEMCMP is not None and a.device.type == "cpu" and a.is_contiguous() and b.is_contiguous():
+        return _MEMCMP(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
+    bits = _SAME_WIDTH_INT.get(a.element_size())
+    if bits is None:
+        return torch.equal(a, b)
+    return torch.equal(a.view(bits), b.view(bits))
+
+
+def convert_transformer_xl(
+    model: nn.Module, *, batch_first: bool = False, backend: str = "auto"
+) -> nn.ModuleList:
+    """One :class:`XLMultiheadAttention` per layer of an original ``MemTransformerLM``.
+
+    Each module gets its layer's weights (copied) and the model's ``mem_len``, ``clamp_len``
+    (the original's ``<= 0`` becomes None) and ``same_length``, and shares the model's
+    ``r_w_bias`` / ``r_r_bias`` Parameters (or the layer's own, for models whose layers hold
+    them). The modules remember the model (weakly): once its settings change (its
+    ``reset_length``, or ``clamp_len`` / ``same_length`` set on it, as the original's eval.py
+    does) or its biases are replaced, a call raises ``ValueError`` until the modules are
+    converted again or given the same settings; settings changed on a module while the model
+    keeps its own are the caller's choice and stand.
+
+    Args:
+        model: the original model: ``model.layers[i].dec_attn`` are the attention layers;
+            ``attn_type`` 0 (relative positional attention), ``ext_len`` 0.
+        batch_first: False (default) keeps the original's [len, batch, d_model] layout.
+        backend: as in :class:`XLMultiheadAttention`.
+
+    Returns:
+        nn.ModuleList, ``[i]`` for ``model.layers[i]``. The layer norms, residuals,
+        feed-forward parts and embeddings stay the caller's (module docstring).
+    """
+    layers = getattr(model, "layers", None)
+    if not isinstance(model, nn.Module) or not isinstance(layers, (nn.ModuleList, list, tuple)):
+        raise TypeError(
+            "model must be a Transformer-XL MemTransformerLM (an nn.Module whose .layers hold "
+            f".dec_attn), got {type(model).__name__}"
+        )
+    attn_type = getattr(model, "attn_type", 0)
+    if attn_type != 0:
+        raise ValueError(
+            f"attn_type={attn_type}: only the original's default relative attention "
+            "(attn_type=0, RelPartialLearnableMultiHeadAttn) converts to XLMultiheadAttention"
+        )
+    settings = _model_settings(model)
+    shared = {name: getattr(model, name, None) for name in _BIASES}
+    modules = []
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "dec_attn", None)
+        if attn is None:
+            raise TypeError(f"model.layers[{i}] has no dec_attn (a Transformer-XL decoder layer)")
+        m = XLMultiheadAttention.from_transformer_xl(
+            attn, **settings, **shared, batch_first=batch_first, backend=backend
+        )
+        m._source, m._source_settings = weakref.ref(model), dict(settings)
+        modules.append(m)
+    return nn.ModuleList(modules)
