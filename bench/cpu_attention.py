@@ -1,4 +1,4 @@
-"""CPU benchmark: effattn's C++ kernels vs PyTorch SDPA and FlexAttention (issue 4, item 5).
+"""CPU benchmark: effattn's C++ kernels vs PyTorch SDPA and FlexAttention.
 
 For each sequence length n (B=1, H=8, D=64, fp32) and each pattern (fixed(128, 16),
 strided(128), and causal as a parity check), in one run:
@@ -18,7 +18,7 @@ inflate), and the extra peak memory of the first timed call (bench/common.py: gr
 resident set over the call, Linux only). SDPA with a dense mask is skipped (and reported so)
 when its memory, extrapolated quadratically from the previous n, would exceed --mem-budget-gb.
 
-Prints a table and the issue's targets at n = 8192; writes JSON with the standard header
+Prints a table and the CPU targets at n = 8192; writes JSON with the standard header
 (bench/common.py) to bench/results/cpu_attention_cpu[_quick].json.
 
     python bench/cpu_attention.py            # n = 2048 .. 16384
@@ -281,8 +281,8 @@ def _find(results, n, method, pattern, passname):
 
 
 def _targets(results) -> dict:
-    """The issue's targets at n = 8192 (and memory at the largest n), as measured."""
-    lines, checks = [f"# targets at n = {TARGET_N} (issue 4)"], {}
+    """The CPU targets at n = 8192 (and memory at the largest n), as measured."""
+    lines, checks = [f"# targets at n = {TARGET_N}"], {}
     for name in ("fixed(128, 16)", "strided(128)"):
         r = _find(results, TARGET_N, "effattn", name, "fwd")
         if r is None:
@@ -298,7 +298,7 @@ def _targets(results) -> dict:
         if flex is not None:
             lines.append(
                 f"  {name} fwd vs FlexAttention: {flex['median_s'] / r['median_s']:.1f}x "
-                "faster (issue: >= 15x)"
+                "faster (target: >= 15x)"
             )
     r = _find(results, TARGET_N, "effattn", "fixed(128, 16)", "fwd+bwd")
     if r is not None:

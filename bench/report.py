@@ -171,7 +171,7 @@ def _time_panels(axes, rows, label, unit, xlabel="sequence length n"):
 def _speedup_panel(ax, points, title, target=True):
     """Speed-up vs density: one line per label through (density, speed-up, note) points,
     each point annotated with its note (the sequence length), beside the 1/density ideal and
-    (for the kernel benchmarks) the issues' target of 2 x density x SDPA causal time."""
+    (for the kernel benchmarks) the target of 2 x density x SDPA causal time."""
     import numpy as np
 
     for label, pts in points:
@@ -432,7 +432,7 @@ def render_section(docs: list[dict], plots: dict[int, list[Path]], base: Path) -
             ]
         for doc in fdocs:
             lines += ["", f"Device: {_describe(doc, base)}", "", _setup(doc), "", render_doc(doc)]
-            if doc.get("targets"):  # cpu_attention: the issue's targets, as measured
+            if doc.get("targets"):  # cpu_attention: its targets, as measured
                 lines += [""] + [f"    {t.strip()}" for t in doc["targets"]["lines"]]
             for path in plots.get(id(doc), []):
                 rel = path.relative_to(base).as_posix()

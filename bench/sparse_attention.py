@@ -1,4 +1,4 @@
-"""GPU benchmark: effattn's Triton block-sparse kernels vs SDPA and FlexAttention (issue 3, item 7).
+"""GPU benchmark: effattn's Triton block-sparse kernels vs SDPA and FlexAttention.
 
 For each head dim D (64, 128), sequence length n (2048 .. 32768; batch B = max(1, 16384 // n),
 H = 16 heads, bf16 by default) and pattern (strided(128), fixed(128, 16), fixed(128, 32),
@@ -18,7 +18,7 @@ each forward ("fwd") and forward + backward ("fwd+bwd"). Reported: median millis
 (query, key) pair forward, 2.5x that backward; Pattern.count_allowed), and the peak memory
 the call adds on top of its inputs (torch.cuda.max_memory_allocated).
 
-Targets (issue 3), checked at every n and printed: effattn fwd+bwd time <= 2 x (useful entries
+Targets, checked at every n and printed: effattn fwd+bwd time <= 2 x (useful entries
 relative to causal) x SDPA causal time, i.e. at least half of flash's TFLOP/s on useful
 entries; and >= 1.2x faster than FlexAttention for strided and fixed at n >= 8192.
 

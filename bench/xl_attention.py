@@ -1,5 +1,5 @@
 """Transformer-XL attention: the fused kernels vs the original formulation, and the paper's
-evaluation-speed table (issue 5, item 5).
+evaluation-speed table.
 
 (a) ``kernel``: effattn.xl_attention vs the original formulation (AC and BD materialized as
     [B, H, L, M + L] matrices, BD aligned with ``_rel_shift``, causal mask, softmax in

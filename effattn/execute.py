@@ -27,44 +27,52 @@ __all__ = ["sparse_backward", "sparse_forward"]
 
 
 # --------------------------------------------------------------------------- row maps
+def _chunk(part: Part) -> int:
+    """l of a part whose rows are the strided pattern's transposed chunks (Part.chunk)."""
+    if part.chunk is None:
+        raise ValueError("the part has no chunked rows")
+    return part.chunk
+
+
 def _to_chunks(t: torch.Tensor, part: Part, front: int, fill: float = 0.0) -> torch.Tensor:
     """Rows [B, H, N, ...] of the original sequence (the first at slot ``front``) in the
     part's transposed order [B, H, l * m, ...] (see Part.chunk), padded with ``fill``."""
-    n_slots = part.n_q
+    n_slots, l = part.n_q, _chunk(part)
     extra = t.shape[3:]
     t = t.reshape(*t.shape[:3], -1)
     if t.shape[2] != n_slots:
         t = F.pad(t, (0, 0, front, n_slots - front - t.shape[2]), value=fill)
     b, h = t.shape[:2]
-    t = t.view(b, h, n_slots // part.chunk, part.chunk, -1).transpose(2, 3)
+    t = t.view(b, h, n_slots // l, l, -1).transpose(2, 3)
     return t.reshape(b, h, n_slots, *extra)
 
 
 def _from_chunks(t: torch.Tensor, part: Part, front: int, n: int) -> torch.Tensor:
     """Inverse of :func:`_to_chunks`: the n rows starting at slot ``front``."""
     b, h, n_slots = t.shape[:3]
-    extra = t.shape[3:]
-    t = t.reshape(b, h, part.chunk, n_slots // part.chunk, -1).transpose(2, 3)
+    extra, l = t.shape[3:], _chunk(part)
+    t = t.reshape(b, h, l, n_slots // l, -1).transpose(2, 3)
     return t.reshape(b, h, n_slots, *extra)[:, :, front : front + n]
 
 
-def _foldable(part: Part, q, k, v, kpm) -> bool:
-    """Whether the chunk part can run as B * H * l sequences of m rows on views of q, k, v:
-    every slot a real row, no key mask, one kv head per query head, (B, H) foldable."""
-    return (
-        part.folded is not None
-        and kpm is None
+def _folded(part: Part, q, k, v, kpm) -> Part | None:
+    """The part as B * H * l sequences of m rows on views of q, k, v (Part.folded), when it can
+    run so: every slot a real row, no key mask, one kv head per query head, (B, H) foldable."""
+    foldable = (
+        kpm is None
         and q.shape[1] == k.shape[1]
         and q.shape[2] == k.shape[2] == part.n_q
         and all(t.is_contiguous() for t in (q, k, v))
     )
+    return part.folded if foldable else None
 
 
 def _fold(part: Part, t: torch.Tensor) -> torch.Tensor:
     """[B, H, m * l, ...] -> [B * H, l, m, ...]: chunk b of the rows a * l + b as a head (a view
     for contiguous t, so the column part reads q, k, v in place instead of copying them)."""
     b, h, n = t.shape[:3]
-    return t.reshape(b * h, n // part.chunk, part.chunk, *t.shape[3:]).transpose(1, 2)
+    l = _chunk(part)
+    return t.reshape(b * h, n // l, l, *t.shape[3:]).transpose(1, 2)
 
 
 def _unfold(t: torch.Tensor, b: int, h: int) -> torch.Tensor:
@@ -142,41 +150,42 @@ def sparse_forward(backend: Backend, q, k, v, kpm, pattern: Pattern, scale: floa
     already validated.
     """
     b, h, n_q, d = q.shape
+    acc = acc_dtype(q.dtype)
     if _empty(q, k):
-        lse = torch.full((b, h, n_q), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
+        lse = torch.full((b, h, n_q), float("-inf"), dtype=acc, device=q.device)
         return q.new_zeros(q.shape), lse
     k, v = _hide_keys(k, v, kpm)
-    out = lse = None
-    for part in _parts(backend, pattern, q, k):
-        fold = out is not None and _foldable(part, q, k, v, kpm)
-        if fold:
+    first, *rest = _parts(backend, pattern, q, k)
+    qp, kp, vp, km = _gather_part(first, q, k, v, kpm)
+    o, part_lse = backend.sparse_forward(qp, kp, vp, first.layout_for, scale=scale, key_mask=km)
+    out, lse = _part_rows(first, o, n_q, k.shape[2]), _part_rows(first, part_lse, n_q, k.shape[2])
+    for part in rest:
+        folded = _folded(part, q, k, v, kpm)
+        if folded is not None:
             qp, kp, vp = (_fold(part, t) for t in (q, k, v))
             km = None
-            layout_for = part.folded.layout_for
+            layout_for = folded.layout_for
         else:
             qp, kp, vp, km = _gather_part(part, q, k, v, kpm)
             layout_for = part.layout_for
-        joins = fold or part.chunk is None  # the part's rows are views of out's rows
-        if out is not None and joins and backend.joins and out.dtype == acc_dtype(q.dtype):
-            state = tuple(_fold(part, t) for t in (out, lse)) if fold else (out, lse)
+        # The part's rows are views of out's rows: a joining backend extends them in place.
+        if (folded is not None or part.chunk is None) and backend.joins and out.dtype == acc:
+            state = (_fold(part, out), _fold(part, lse)) if folded is not None else (out, lse)
             backend.sparse_forward(qp, kp, vp, layout_for, scale=scale, key_mask=km, state=state)
             continue
         o, part_lse = backend.sparse_forward(qp, kp, vp, layout_for, scale=scale, key_mask=km)
-        if fold:
-            m_rows = part.n_q // part.chunk
+        if folded is not None:
+            l = _chunk(part)
             out5, lse5 = _merge(
-                out.view(b, h, m_rows, part.chunk, d),
-                lse.view(b, h, m_rows, part.chunk),
+                out.view(b, h, part.n_q // l, l, d),
+                lse.view(b, h, part.n_q // l, l),
                 _unfold(o, b, h),
                 _unfold(part_lse, b, h),
             )
             out, lse = out5.reshape(b, h, n_q, d), lse5.reshape(b, h, n_q)
             continue
-        o = _part_rows(part, o, q.shape[2], k.shape[2])
-        part_lse = _part_rows(part, part_lse, q.shape[2], k.shape[2])
-        if out is None:
-            out, lse = o, part_lse
-            continue
+        o = _part_rows(part, o, n_q, k.shape[2])
+        part_lse = _part_rows(part, part_lse, n_q, k.shape[2])
         out, lse = _merge(out, lse, o, part_lse)
     return out.to(q.dtype).contiguous(), lse.contiguous()
 
@@ -194,13 +203,14 @@ def sparse_backward(backend: Backend, dout, dlse, q, k, v, out, lse, kpm, patter
         delta = delta - dlse.to(acc)
     lse = lse.to(acc)
     # (dq, dk, dv) summed over the parts so far, in the accumulation dtype.
-    grads = None
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     for part in _parts(backend, pattern, q, k):
-        if _foldable(part, q, k, v, kpm):
+        folded = _folded(part, q, k, v, kpm)
+        if folded is not None:
             qf, kf, vf, dof = (_fold(part, t) for t in (q, k, v, dout))
             lsef, deltaf = (_fold(part, t).contiguous() for t in (lse, delta))
             part_grads = backend.sparse_backward(
-                qf, kf, vf, dof, lsef, deltaf, part.folded.layout_for, scale=scale
+                qf, kf, vf, dof, lsef, deltaf, folded.layout_for, scale=scale
             )
             grads = grads or _zero_grads(q, k, v, acc)
             for total, g in zip(grads, part_grads, strict=True):
@@ -232,7 +242,11 @@ def sparse_backward(backend: Backend, dout, dlse, q, k, v, out, lse, kpm, patter
 
 
 def _zero_grads(q, k, v, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
+    return (
+        torch.zeros(q.shape, dtype=acc, device=q.device),
+        torch.zeros(k.shape, dtype=acc, device=q.device),
+        torch.zeros(v.shape, dtype=acc, device=q.device),
+    )
 
 
 def _add_key_grads(part: Part, dk: torch.Tensor, dkp: torch.Tensor) -> None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Literal, overload
 
 import torch
 
 from effattn import _validation, execute, reference
 from effattn.ops import dispatch
 from effattn.ops.backend import acc_dtype
-from effattn.patterns import Pattern, from_key, from_mask
+from effattn.patterns import Pattern, TermPattern, from_key, from_mask
 
 __all__ = ["backend_for", "backends", "sparse_attention", "xl_attention"]
 
@@ -97,7 +98,7 @@ def _op_mask(pattern: Pattern, n_q: int, n_k: int, device: torch.device) -> torc
     key = (n_q, n_k, heads, device)
     if key not in cache:
         mask = pattern.mask(n_q, n_k, heads, device=device)
-        mask._effattn_pattern = pattern
+        setattr(mask, "_effattn_pattern", pattern)  # noqa: B010 - Tensor declares no such field
         cache[key] = mask
     return cache[key]
 
@@ -223,6 +224,30 @@ def _sparse_autograd(ctx, dout, dlse):
 torch.library.register_autograd(_sparse_op, _sparse_autograd, setup_context=_sparse_setup, lib=_LIB)
 
 
+@overload
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    *,
+    scale: float | None = ...,
+    key_padding_mask: torch.Tensor | None = ...,
+    backend: str = ...,
+    return_lse: Literal[False] = ...,
+) -> torch.Tensor: ...
+@overload
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    *,
+    scale: float | None = ...,
+    key_padding_mask: torch.Tensor | None = ...,
+    backend: str = ...,
+    return_lse: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -267,10 +292,10 @@ def sparse_attention(
             mask = mask & ~key_padding_mask[:, None, None, :]
         return reference.attention(q, k, v, mask, scale=scale, return_lse=return_lse)
     _no_function_transforms("sparse_attention", q, k, v)
-    if pattern.is_custom:
-        key, custom_mask = "", _op_mask(pattern, q.shape[2], k.shape[2], q.device)
-    else:
+    if isinstance(pattern, TermPattern):
         key, custom_mask = pattern.key, None
+    else:
+        key, custom_mask = "", _op_mask(pattern, q.shape[2], k.shape[2], q.device)
     out, lse = _sparse_op(q, k, v, key_padding_mask, key, custom_mask, scale, backend)
     return (out, lse) if return_lse else out
 
@@ -329,7 +354,7 @@ def _xl_backward_op(
     scale: float,
     window: int | None,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     chosen = dispatch.select(backend, "xl", q, k, key_mask=False)
     if q.numel() == 0:
         return tuple(t.new_zeros(t.shape) for t in (q, k, v, r, u, vb))
@@ -362,6 +387,34 @@ def _xl_autograd(ctx, dout, dlse):
 torch.library.register_autograd(_xl_op, _xl_autograd, setup_context=_xl_setup, lib=_LIB)
 
 
+@overload
+def xl_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    r: torch.Tensor,
+    u: torch.Tensor,
+    vb: torch.Tensor,
+    *,
+    scale: float | None = ...,
+    window: int | None = ...,
+    backend: str = ...,
+    return_lse: Literal[False] = ...,
+) -> torch.Tensor: ...
+@overload
+def xl_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    r: torch.Tensor,
+    u: torch.Tensor,
+    vb: torch.Tensor,
+    *,
+    scale: float | None = ...,
+    window: int | None = ...,
+    backend: str = ...,
+    return_lse: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
 def xl_attention(
     q: torch.Tensor,
     k: torch.Tensor,

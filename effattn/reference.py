@@ -1,6 +1,6 @@
 """Dense references: O(n^2) memory, any dtype (fp64 too), the oracle of every test.
 
-Conventions (DESIGN.md): ``q`` [B, H, Nq, D]; ``k``, ``v`` [B, Hkv, Nk, D] with H % Hkv == 0;
+Conventions (docs/design.md): ``q`` [B, H, Nq, D]; ``k``, ``v`` [B, Hkv, Nk, D] with H % Hkv == 0;
 query row i sits at absolute position ``i + Nk - Nq``; ``scale`` defaults to ``D ** -0.5``;
 a query with no allowed key returns 0 with LSE -inf, and its gradients are 0 (never NaN).
 Scores and the weighted sum use the input dtype; the softmax runs in fp32 (fp64 for fp64).

@@ -305,3 +305,49 @@ def test_parameters_larger_than_the_sequence_cost_what_the_sequence_does():
         P.strided(2**31)
     with pytest.raises(ValueError, match="exceeds 2\\*\\*30"):
         P.local(2**40)
+
+
+# --------------------------------------------------------------------------- op registration
+def _sparse_args(pattern, kpm=False, dtype=torch.float64):
+    q, k, v = make(1, 4, 2, 24, 30, 16, dtype=dtype)
+    mask = torch.rand(1, 30, generator=torch.Generator().manual_seed(1)) < 0.2 if kpm else None
+    if pattern.is_custom:
+        return (q, k, v, mask, "", functional._op_mask(pattern, 24, 30, q.device), 0.25, "torch")
+    return (q, k, v, mask, pattern.key, None, 0.25, "torch")
+
+
+@pytest.mark.parametrize(
+    "pattern, kpm",
+    [
+        (P.strided(4), True),
+        (P.fixed(8, 2), False),
+        (P.from_mask(torch.rand(1, 24, 30) < 0.4), True),
+    ],
+    ids=["strided", "fixed", "custom"],
+)
+def test_opcheck_sparse_ops(pattern, kpm):
+    args = _sparse_args(pattern, kpm)
+    torch.library.opcheck(functional._sparse_op, args)
+    out, lse = functional._sparse_op(*args)
+    q, k, v, mask, key, custom, scale, backend = args
+    dout = torch.randn_like(out)
+    bwd = (dout, torch.randn_like(lse), q, k, v, out, lse, mask, key, custom, scale, backend)
+    torch.library.opcheck(
+        functional._sparse_backward_op,
+        tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd),
+    )
+
+
+def test_opcheck_xl_ops():
+    q, k, v = make(1, 2, 2, 10, 16, 16)
+    r = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 16, dtype=torch.float64, requires_grad=True)
+    for window in (None, 5):
+        args = (q, k, v, r, u, u, 0.25, window, "torch")
+        torch.library.opcheck(functional._xl_op, args)
+        out, lse = functional._xl_op(*args)
+        bwd = (torch.randn_like(out), None, q, k, v, r, u, u, out, lse, 0.25, window, "torch")
+        torch.library.opcheck(
+            functional._xl_backward_op,
+            tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd),
+        )

@@ -386,7 +386,7 @@ def test_bad_forward_input():
         m(seq(2, 3), seq(1, 4))
 
 
-# --------------------------------------------------------------------------- issue 21
+# --------------------------------------------------------------------------- converting whole models
 class OriginalModel(nn.Module):
     """The parts of kimiyoung/transformer-xl's MemTransformerLM that conversion reads: layers
     holding ``dec_attn``, the shared biases and the settings its eval.py changes."""

@@ -1,4 +1,4 @@
-"""Patterns against brute-force evaluations of DESIGN.md's element-level definitions."""
+"""Patterns against brute-force evaluations of the element-level definitions (docs/design.md)."""
 
 import random
 
@@ -10,7 +10,7 @@ from effattn.patterns import Term
 
 
 def definition(kind, args, causal, p, j, h):
-    """DESIGN.md's table, written independently of the Term machinery (numpy-style tensors)."""
+    """The definitions' table, written independently of the Term machinery (numpy-style tensors)."""
     d = p - j
     if kind == "full":
         return torch.ones_like(d, dtype=torch.bool)

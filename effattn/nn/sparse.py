@@ -124,6 +124,9 @@ class SparseMultiheadAttention(nn.Module):
         backend: passed to :func:`effattn.sparse_attention` ("auto" picks by device).
     """
 
+    bias_k: nn.Parameter | None
+    bias_v: nn.Parameter | None
+
     def __init__(
         self,
         embed_dim: int,
@@ -146,11 +149,9 @@ class SparseMultiheadAttention(nn.Module):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
-        for name, value in (("kdim", kdim), ("vdim", vdim)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value <= 0
-            ):
-                raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+        for name, dim in (("kdim", kdim), ("vdim", vdim)):
+            if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0):
+                raise ValueError(f"{name} must be None or a positive int, got {dim!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
         if embed_dim // num_heads > MAX_HEAD_DIM:
@@ -479,7 +480,7 @@ class SparseMultiheadAttention(nn.Module):
                     f"got {list(key_padding_mask.shape)}"
                 )
         if attn_mask is not None:
-            heads = self.num_heads * (b if is_batched else 1)
+            heads = self.num_heads * (b if b is not None else 1)
             if tuple(attn_mask.shape) not in ((n_q, n_k), (heads, n_q, n_k)):
                 raise ValueError(
                     f"attn_mask must have shape [L, S] = {[n_q, n_k]} or "
@@ -505,7 +506,7 @@ class SparseMultiheadAttention(nn.Module):
         """Keys and values every query sees: [1, H, X, D] each, or (None, None)."""
         h, d = self.num_heads, self.head_dim
         ks, vs = [], []
-        if self.bias_k is not None:
+        if self.bias_k is not None and self.bias_v is not None:
             ks.append(self.bias_k.to(q.dtype).view(1, h, 1, d))
             vs.append(self.bias_v.to(q.dtype).view(1, h, 1, d))
         if self.add_zero_attn:
@@ -517,8 +518,9 @@ class SparseMultiheadAttention(nn.Module):
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
     # ----------------------------------------------------------------- sparse path
-    def _kernel(self, q, k, v, kpm, pattern: Pattern, scale: float, with_lse: bool):
-        """sparse_attention with the head dim padded up to the kernels' minimum."""
+    def _kernel(self, q, k, v, kpm, pattern: Pattern, scale: float):
+        """(out, lse) of sparse_attention with the head dim padded up to the kernels' minimum
+        (the kernels compute the LSE anyway: returning it costs nothing)."""
         d = q.shape[-1]
         if d < MIN_HEAD_DIM:
             # Zero columns change no score and give zero output columns: exact, O(n) memory.
@@ -526,7 +528,7 @@ class SparseMultiheadAttention(nn.Module):
             q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
         # Contiguous inputs: the kernels' gradients come back contiguous, and a compiled graph
         # must not expect them strided like a transposed view.
-        res = sparse_attention(
+        out, lse = sparse_attention(
             q.contiguous(),
             k.contiguous(),
             v.contiguous(),
@@ -534,17 +536,13 @@ class SparseMultiheadAttention(nn.Module):
             scale=scale,
             key_padding_mask=kpm,
             backend=self.backend,
-            return_lse=with_lse,
+            return_lse=True,
         )
-        out = res[0] if with_lse else res
-        if d < MIN_HEAD_DIM:
-            out = out[..., :d]
-        return (out, res[1]) if with_lse else out
+        return (out[..., :d] if d < MIN_HEAD_DIM else out), lse
 
     def _sparse(self, q, k, v, kpm, pattern: Pattern, extra_k, extra_v, scale: float):
         b, h, n_q, d = q.shape
         n_k = k.shape[2]
-        with_lse = extra_k is not None
         if n_q > n_k:
             if not _is_full(pattern):
                 raise ValueError(
@@ -558,18 +556,17 @@ class SparseMultiheadAttention(nn.Module):
             qf = qf.view(b, h, chunks, n_k, d).transpose(1, 2).reshape(b * chunks, h, n_k, d)
             kf, vf = (t.repeat_interleave(chunks, dim=0) for t in (k, v))
             kpmf = None if kpm is None else kpm.repeat_interleave(chunks, dim=0)
-            res = self._kernel(qf, kf, vf, kpmf, pattern, scale, with_lse)
 
             def unfold(t):
                 t = t.view(b, chunks, h, n_k, *t.shape[3:]).transpose(1, 2)
                 return t.flatten(2, 3)[:, :, :n_q]
 
-            res = tuple(unfold(t) for t in res) if with_lse else unfold(res)
+            out, lse = (unfold(t) for t in self._kernel(qf, kf, vf, kpmf, pattern, scale))
         else:
-            res = self._kernel(q, k, v, kpm, pattern, scale, with_lse)
-        if not with_lse:
-            return res
-        return _merge_extra(*res, q, extra_k, extra_v, scale)
+            out, lse = self._kernel(q, k, v, kpm, pattern, scale)
+        if extra_k is None:
+            return out
+        return _merge_extra(out, lse, q, extra_k, extra_v, scale)
 
     @torch.compiler.disable
     def _sparse_masked(self, q, k, v, kpm, blocked, is_causal, extra_k, extra_v, scale):

@@ -76,6 +76,7 @@ import ctypes
 import math
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,7 +100,7 @@ def _original_clamp_len(clamp_len) -> int | None:
     return clamp_len if clamp_len > 0 else None
 
 
-def _model_settings(model: nn.Module) -> dict:
+def _model_settings(model: nn.Module) -> dict[str, Any]:
     """The model-level settings of a MemTransformerLM that shape every layer's attention."""
     ext_len = getattr(model, "ext_len", 0) or 0
     if ext_len:
@@ -212,6 +213,9 @@ class XLMultiheadAttention(nn.Module):
         backend: passed to :func:`effattn.xl_attention` ("auto", "triton", "cpu", "torch", ...).
         device, dtype: factory arguments of the parameters.
     """
+
+    r_w_bias: nn.Parameter
+    r_r_bias: nn.Parameter
 
     def __init__(
         self,
@@ -363,7 +367,7 @@ class XLMultiheadAttention(nn.Module):
     @classmethod
     def from_transformer_xl(
         cls,
-        layer: nn.Module,
+        layer: Any,
         *,
         mem_len: int,
         clamp_len: int | None,
@@ -779,7 +783,7 @@ def convert_transformer_xl(
             "(attn_type=0, RelPartialLearnableMultiHeadAttn) converts to XLMultiheadAttention"
         )
     settings = _model_settings(model)
-    shared = {name: getattr(model, name, None) for name in _BIASES}
+    shared: dict[str, Any] = {name: getattr(model, name, None) for name in _BIASES}
     modules = []
     for i, layer in enumerate(layers):
         attn = getattr(layer, "dec_attn", None)

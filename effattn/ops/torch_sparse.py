@@ -42,7 +42,7 @@ def _row_blocks(layout: BlockLayout, c: int, qb: int):
     full = layout.kv_full_idx[c, qb, :nf].tolist()
     part = layout.kv_part_idx[c, qb, :npart].tolist()
     tiles = None
-    if layout.tiles is not None:
+    if layout.kv_part_tile is not None:
         tiles = [None] * nf + layout.kv_part_tile[c, qb, :npart].tolist()
     return full + part, [False] * nf + [True] * npart, tiles
 
@@ -57,9 +57,9 @@ def _block_mask(layout: BlockLayout, c: int, rows: torch.Tensor, blocks, partial
         )
         if not is_part:
             pieces.append(torch.ones(rows.numel(), j.numel(), dtype=torch.bool, device=device))
-        elif tiles is None:
+        elif layout.terms is not None:
             pieces.append(terms_allowed(layout.terms[c], p, j.view(1, -1)))
-        else:
+        elif layout.tiles is not None and tiles is not None:
             tile = layout.tiles[tiles[n]].to(device)
             r0 = int(rows[0]) - (int(rows[0]) // layout.block_m) * layout.block_m
             pieces.append(tile[r0 : r0 + rows.numel(), : j.numel()])

@@ -230,6 +230,8 @@ class Pattern:
 class TermPattern(Pattern):
     """A pattern written in terms: per head class, an OR of :class:`Term` s; any size."""
 
+    key: str
+
     def __init__(
         self, name: str, classes: Classes, *, head_divisor: int = 1, kind: Kind | None = None
     ):
@@ -499,7 +501,7 @@ def _recognized(name: str, classes: Classes, divisor: int, ps: tuple[Pattern, ..
     return result
 
 
-def _same_classes(a: TermPattern, b: TermPattern) -> bool:
+def _same_classes(a: Pattern, b: Pattern) -> bool:
     if a.period != b.period:
         return False
     return all(set(x) == set(y) for x, y in zip(a.classes(), b.classes(), strict=True))

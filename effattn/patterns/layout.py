@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -102,11 +103,12 @@ def layout_to(lay: BlockLayout, device: torch.device) -> BlockLayout:
 
 @functools.lru_cache(maxsize=256)
 def _layout_on_device(lay: BlockLayout, device: torch.device) -> BlockLayout:
-    moved = {
-        f.name: (v.to(device) if isinstance(v := getattr(lay, f.name), torch.Tensor) else v)
+    moved: dict[str, Any] = {
+        f.name: v.to(device)
         for f in dataclasses.fields(lay)
+        if isinstance(v := getattr(lay, f.name), torch.Tensor)
     }
-    return BlockLayout(**moved)
+    return dataclasses.replace(lay, **moved)
 
 
 def block_elements(n_q, n_k, block_m, block_n, qb, kb):
