@@ -643,3 +643,108 @@ def test_char_lm_example_smoke(capsys):
             map(torch.isfinite, map(torch.tensor, result["losses"]))
         )
     assert "ms/step" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- decode
+def _prefix_out(m, seq):
+    """forward over the whole prefix [T, E] with the causal pattern: [T, E]."""
+    s = seq[None] if m.batch_first else seq[:, None]
+    out = m(s, s, s, need_weights=False, is_causal=True)[0]
+    return out[0] if m.batch_first else out[:, 0]
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        P.full(),
+        P.causal(),
+        P.strided(4),
+        P.fixed(8, 2),
+        P.fixed(6, 2, num_patterns=2),
+        P.local(5, causal=False),
+    ],
+    ids=lambda p: p.name,
+)
+@pytest.mark.parametrize(
+    "extras", [{}, {"add_bias_kv": True, "add_zero_attn": True}], ids=["plain", "bias_kv"]
+)
+def test_decode_equals_forward_over_the_prefix(pattern, extras):
+    torch.manual_seed(0)
+    m = SparseMultiheadAttention(
+        32, 4, pattern, batch_first=True, dtype=F64, backend=BACKEND, **extras
+    ).eval()
+    x = torch.randn(3, 14, 32, dtype=F64)
+    lengths = torch.tensor([10, 7, 14])  # right-padded prompts of different lengths
+    with torch.no_grad():
+        out, cache = m.decode(x, lengths=lengths)
+        seqs = [x[i, :n] for i, n in enumerate(lengths.tolist())]
+        for i, n in enumerate(lengths.tolist()):
+            assert torch.allclose(out[i, :n], _prefix_out(m, seqs[i]), **TOL)
+            assert bool((out[i, n:] == 0).all())
+        for _ in range(5):
+            tok = torch.randn(3, 1, 32, dtype=F64)
+            out, cache = m.decode(tok, cache)
+            for i in range(3):
+                seqs[i] = torch.cat([seqs[i], tok[i]])
+                assert torch.allclose(out[i, 0], _prefix_out(m, seqs[i])[-1], **TOL)
+        assert cache.lengths.tolist() == [15, 12, 19] and len(cache) == 3
+        # Beam search: reorder, repeat and drop streams, then go on.
+        picked = cache.select([2, 0, 0])
+        tok = torch.randn(3, 2, 32, dtype=F64)
+        out, _ = m.decode(tok, picked)
+        for new, old in enumerate([2, 0, 0]):
+            seq = torch.cat([seqs[old], tok[new]])
+            assert torch.allclose(out[new], _prefix_out(m, seq)[-2:], **TOL)
+
+
+def test_decode_sequence_first_and_branching():
+    torch.manual_seed(1)
+    m = SparseMultiheadAttention(32, 2, P.strided(3), dtype=F64, backend=BACKEND).eval()
+    x = torch.randn(6, 2, 32, dtype=F64)  # [T, B, E]
+    with torch.no_grad():
+        _, cache = m.decode(x)
+        a, b = torch.randn(2, 1, 2, 32, dtype=F64)
+        out_a, _ = m.decode(a, cache)
+        out_b, _ = m.decode(b, cache)  # from the same cache again: must not see a's keys
+        for tok, out in ((a, out_a), (b, out_b)):
+            for i in range(2):
+                seq = torch.cat([x[:, i], tok[:, i]])
+                assert torch.allclose(out[0, i], _prefix_out(m, seq)[-1], **TOL)
+
+
+def test_decode_storage_grows_by_doubling():
+    m = SparseMultiheadAttention(32, 2, P.causal(), batch_first=True, dtype=F64).eval()
+    with torch.no_grad():
+        _, cache = m.decode(torch.randn(1, 3, 32, dtype=F64))
+        storages = set()
+        for _ in range(200):
+            _, cache = m.decode(torch.randn(1, 1, 32, dtype=F64), cache)
+            storages.add(id(cache.groups[0].storage))
+    assert len(storages) <= 6, "appending must be amortized O(1): few reallocations"
+
+
+def test_decode_bad_input():
+    m = SparseMultiheadAttention(32, 2, P.causal(), batch_first=True, dtype=F64).eval()
+    other = SparseMultiheadAttention(32, 2, P.causal(), batch_first=True, dtype=F64).eval()
+    x = torch.randn(2, 3, 32, dtype=F64)
+    with torch.no_grad():
+        _, cache = m.decode(x)
+        with pytest.raises(ValueError, match="another SparseMultiheadAttention"):
+            other.decode(x, cache)
+        with pytest.raises(ValueError, match="2 streams, x has batch 3"):
+            m.decode(torch.randn(3, 1, 32, dtype=F64), cache)
+        with pytest.raises(TypeError, match="cache holds torch.float64"):
+            m.decode(x.float(), cache)
+        with pytest.raises(TypeError, match="SparseCache"):
+            m.decode(x, object())
+        with pytest.raises(ValueError, match="lengths are given once"):
+            m.decode(x, cache, lengths=torch.tensor([1, 2]))
+        with pytest.raises(ValueError, match="lengths must be"):
+            m.decode(x, lengths=torch.tensor([1, 5]))
+        with pytest.raises(ValueError, match=r"x must be a \[B, T, 32\]"):
+            m.decode(torch.randn(3, 16, dtype=F64))
+        with pytest.raises(ValueError, match="indices"):
+            cache.select([2])
+    custom = SparseMultiheadAttention(32, 2, P.from_mask(torch.ones(1, 4, 4, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="serves any length"):
+        custom.eval().decode(torch.randn(1, 1, 32))

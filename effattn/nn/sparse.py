@@ -23,6 +23,7 @@ densifying; ``need_weights=True`` is the explicit dense path that applies it exa
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -34,6 +35,14 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from effattn import patterns
 from effattn.functional import BACKENDS as _BACKENDS
 from effattn.functional import MAX_HEAD_DIM, MIN_HEAD_DIM, sparse_attention
+from effattn.nn.decoding import (
+    SparseCache,
+    append,
+    new_group,
+    position_period,
+    prefill_groups,
+    right_aligned,
+)
 from effattn.patterns import Pattern, Term
 
 __all__ = ["SparseMultiheadAttention", "replace_attention"]
@@ -412,6 +421,122 @@ class SparseMultiheadAttention(nn.Module):
             out = self._sparse_masked(q, k, v, kpm, blocked, is_causal, extra_k, extra_v, scale)
         return out, None
 
+    # ----------------------------------------------------------------- decoding
+    def decode(
+        self,
+        x: torch.Tensor,
+        cache: SparseCache | None = None,
+        *,
+        lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, SparseCache]:
+        """Incremental self-attention: new tokens against cached projected keys and values.
+
+        Equal to ``forward(prefix, prefix, prefix)`` with the pattern's causal version
+        (``pattern & causal()``) at the new positions, where the prefix is everything decoded
+        so far. Keys and values are appended to preallocated storage (amortized O(1) copies a
+        token); only the new tokens are projected. For inference: decode under
+        ``torch.no_grad()``.
+
+        Args:
+            x: [B, T, E] ([T, B, E] with batch_first=False) the next T tokens of each stream.
+            cache: None to start, or the SparseCache of the previous call (for this module,
+                this batch: :meth:`SparseCache.select` reorders or drops streams).
+            lengths: only to start (cache=None): int [B], stream i's first lengths[i] tokens
+                of x are real (right-padded prompts of different lengths); default T each.
+
+        Returns:
+            (out, cache): out shaped like x, zero past a stream's length; the cache holds
+            every stream's positions so far.
+        """
+        pattern = self._causal_pattern
+        period = None if pattern is None else position_period(pattern)
+        if pattern is None or period is None:
+            raise ValueError(
+                f"decode needs a pattern that serves any length, got {self._pattern.name} "
+                "(custom masks are bound to one size)"
+            )
+        if not self._qkv_same_embed_dim:
+            raise ValueError("decode is self-attention: it needs kdim == vdim == embed_dim")
+        if self.training and self.dropout > 0.0:
+            raise NotImplementedError(
+                "decode runs without attention dropout: call .eval() (it is for inference)"
+            )
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"x must be a [B, T, {self.embed_dim}] tensor ([T, B, E] with "
+                f"batch_first=False), got {getattr(x, 'shape', type(x).__name__)}"
+            )
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        b, t, _ = x.shape
+        lengths = self._decode_lengths(x, cache, lengths)
+        h, d = self.num_heads, self.head_dim
+        q, k, v = (y.view(b, t, h, d).transpose(1, 2) for y in self._project(x, x, x, True))
+        extra_k, extra_v = self._extra_keys(q)
+        out = q.new_zeros(b, h, t, d)
+        groups = []
+        with torch.autocast(q.device.type, enabled=False):
+            if cache is None:
+                for members, end in prefill_groups(lengths, period):
+                    n = lengths[members]
+                    qg, kg, vg = (right_aligned(y[members], n, end) for y in (q, k, v))
+                    group = new_group(members, kg, vg, end - n)
+                    groups.append(group)
+                    if end:
+                        res = self._decode_step(group, qg, pattern, extra_k, extra_v)
+                        out[members] = _left_aligned(res, n, t)
+                new_lengths = lengths
+            else:
+                for g in cache.groups:
+                    group = append(g, k[g.members], v[g.members])
+                    groups.append(group)
+                    out[g.members] = self._decode_step(
+                        group, q[g.members], pattern, extra_k, extra_v
+                    )
+                new_lengths = cache.lengths + t
+        out = self.out_proj(out.transpose(1, 2).reshape(b, t, self.embed_dim))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        new = SparseCache(tuple(groups), new_lengths, weakref.ref(self), period, x.dtype, x.device)
+        return out, new
+
+    def _decode_lengths(self, x, cache, lengths) -> torch.Tensor:
+        b, t = x.shape[:2]
+        if cache is None:
+            if lengths is None:
+                return torch.full((b,), t, dtype=torch.int64)
+            n = torch.as_tensor(lengths).to("cpu")
+            if n.shape != (b,) or n.is_floating_point() or bool((n < 0).any() | (n > t).any()):
+                raise ValueError(f"lengths must be [B] = [{b}] ints in [0, T={t}], got {lengths!r}")
+            return n.to(torch.int64)
+        if lengths is not None:
+            raise ValueError("lengths are given once, with the first call (cache=None)")
+        if not isinstance(cache, SparseCache):
+            raise TypeError(
+                f"cache must be a SparseCache from decode(), got {type(cache).__name__}"
+            )
+        if cache.owner() is not self:
+            raise ValueError(
+                "cache was made by another SparseMultiheadAttention: a cache holds one "
+                "module's projected keys and values"
+            )
+        if len(cache) != b:
+            raise ValueError(f"cache holds {len(cache)} streams, x has batch {b}")
+        if cache.dtype != x.dtype:
+            raise TypeError(f"cache holds {cache.dtype} keys, x is {x.dtype}")
+        if cache.device != x.device:
+            raise ValueError(f"cache is on {cache.device}, x on {x.device}")
+        if cache.period != position_period(self._causal_pattern):
+            raise ValueError("the module's pattern changed since the cache was made: start anew")
+        return cache.lengths
+
+    def _decode_step(self, group, q, pattern, extra_k, extra_v) -> torch.Tensor:
+        """[Bg, H, T, D] attention of the group's new queries over its whole storage."""
+        k = group.storage.k[:, :, : group.end]
+        v = group.storage.v[:, :, : group.end]
+        kpm = group.key_padding_mask(group.end) if bool(group.pads.any()) else None
+        return self._sparse(q, k, v, kpm, pattern, extra_k, extra_v, self.head_dim**-0.5)
+
     def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor):
@@ -663,6 +788,16 @@ class SparseMultiheadAttention(nn.Module):
         weights = F.dropout(weights, self.dropout, training=self.training)
         out = torch.matmul(weights, v.to(acc)).to(q.dtype)
         return out, weights.to(q.dtype)
+
+
+def _left_aligned(res: torch.Tensor, lengths: torch.Tensor, t: int) -> torch.Tensor:
+    """Inverse of :func:`right_aligned`: [Bg, H, end, D] -> [Bg, H, t, D], zero past lengths."""
+    bg, h, end, d = res.shape
+    rows = torch.arange(t, device=res.device)
+    src = rows[None, :] + (end - lengths.to(res.device))[:, None]
+    valid = rows[None, :] < lengths.to(res.device)[:, None]
+    gathered = res.gather(2, src.clamp(max=max(end - 1, 0))[:, None, :, None].expand(bg, h, t, d))
+    return torch.where(valid[:, None, :, None], gathered, 0)
 
 
 def _merge_extra(out, lse, q, extra_k, extra_v, scale: float) -> torch.Tensor:
