@@ -106,6 +106,12 @@ def plan(
 @functools.lru_cache(maxsize=128)
 def _plan_cached(classes, kind, n_q, n_k, block_m, block_n, device) -> tuple[Part, ...]:
     pattern = TermPattern("plan", classes, kind=kind)
+    # The decompositions compute every key slot as a row (the columns' chunks hold all n_k
+    # positions): with few queries (decoding, short segments over long memories) that is more
+    # than the natural order visits.
+    few_queries = 2 * n_q < n_k
+    if few_queries:
+        return (_natural(pattern, n_q, n_k, block_m, block_n, device),)
     if isinstance(kind, Strided) and n_q > 0 and n_k > kind.stride:
         parts = _strided_parts(kind.stride, kind.causal, n_q, n_k, block_m, block_n, device)
     elif isinstance(kind, Fixed) and n_q > 0 and n_k > kind.stride:

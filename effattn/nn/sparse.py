@@ -651,12 +651,15 @@ class SparseMultiheadAttention(nn.Module):
             # Zero columns change no score and give zero output columns: exact, O(n) memory.
             pad = (0, MIN_HEAD_DIM - d)
             q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-        # Contiguous inputs: the kernels' gradients come back contiguous, and a compiled graph
-        # must not expect them strided like a transposed view.
+        if torch.is_grad_enabled():
+            # The kernels' gradients come back contiguous, and a compiled graph must not
+            # expect them strided like a transposed view. (Without autograd, views go as they
+            # are: decode's cache storage would otherwise be copied every token.)
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out, lse = sparse_attention(
-            q.contiguous(),
-            k.contiguous(),
-            v.contiguous(),
+            q,
+            k,
+            v,
             pattern,
             scale=scale,
             key_padding_mask=kpm,
