@@ -13,7 +13,10 @@ dtype, head dim, strides and 16-byte alignment (the kernels copy rows 16 bytes a
 limits. The host-side logic is made of pure functions (:func:`launch_geometry`,
 :func:`pack_layout`, :func:`sparse_params`, ...) that the tests exercise without a GPU; the
 tests also run the kernels themselves on the CPU through the emulator of ``csrc/cuda/emu``,
-which is why the launch helpers take the module to call (``effattn._C`` or the emulator).
+which is why the launch helpers take the module to call (``effattn._C`` or the emulator). Its
+parameter classes (``CudaSparseParams``, ``CudaXlParams``, ``CudaLaunch``) take keyword
+arguments only and refuse a missing required field or an unknown one (TypeError), so the
+keywords that :func:`sparse_params` and :func:`xl_params` return are checked at every launch.
 
 ``backend="auto"`` never picks this backend (see :mod:`effattn.functional`): it is chosen only
 by name until a GPU session has run tests/test_cuda.py green.
@@ -22,12 +25,13 @@ by name until a GPU session has run tests/test_cuda.py green.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 
 import torch
 
 from effattn import _extension
-from effattn.patterns import BlockLayout
+from effattn.patterns import BlockLayout, Term
 
 __all__ = [
     "BLOCK",
@@ -52,7 +56,7 @@ __all__ = [
 BLOCK = 64
 # Head dims the kernels are compiled for; smaller ones are zero-padded to the next.
 HEAD_DIMS = (64, 128)
-_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535
 
@@ -227,7 +231,7 @@ class PackedLayout:
     q_part_num: torch.Tensor
     q_part_idx: torch.Tensor
     q_part_tile: torch.Tensor | None
-    terms: torch.Tensor | None  # int32 [P, T, 9]
+    terms: torch.Tensor | None  # int32 [P, T, Term.NUM_FIELDS]
     tiles: torch.Tensor | None  # uint8 [U, 64, 64]
     num_classes: int
     num_q_blocks: int
@@ -300,8 +304,11 @@ def pack_layout(layout: BlockLayout, device: torch.device | str | None = None) -
         packed["q_part_tile"] = int32("q_part_tile", (p, nkb))
     else:
         terms = layout.terms
-        if terms.dim() != 3 or terms.shape[0] != p or terms.shape[2] != 9 or terms.shape[1] < 1:
-            raise ValueError(f"layout.terms must be [P={p}, T >= 1, 9], got {tuple(terms.shape)}")
+        width = Term.NUM_FIELDS
+        if terms.dim() != 3 or terms.shape[0] != p or terms.shape[2] != width or terms.shape[1] < 1:
+            raise ValueError(
+                f"layout.terms must be [P={p}, T >= 1, {width}], got {tuple(terms.shape)}"
+            )
         packed["terms"] = terms.to(device=device, dtype=torch.int32).contiguous()
     result = PackedLayout(
         **packed,
@@ -359,6 +366,12 @@ def prepare_rows(t: torch.Tensor, head_dim: int) -> torch.Tensor:
     return t if _rows_aligned(t) else t.clone()
 
 
+@functools.cache
+def _dtype_code(dtype: torch.dtype) -> int:
+    """The extension's code (csrc/constants.h) of fp16 or bf16."""
+    return _extension.require().DTYPE_CODES[str(dtype).removeprefix("torch.")]
+
+
 def sparse_params(
     *,
     q: torch.Tensor,
@@ -375,7 +388,8 @@ def sparse_params(
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
 ) -> dict:
-    """The fields of ``CudaSparseParams`` (csrc/cuda/params.h) for these tensors.
+    """The keyword arguments of ``CudaSparseParams`` (csrc/cuda/params.h) for these tensors;
+    the buffers a direction does not use are left out.
 
     Args:
         q: [B, H, n_q, Dp]; k, v: [B, Hkv, n_k, Dp] (fp16 / bf16, rows as prepare_rows leaves
@@ -388,11 +402,7 @@ def sparse_params(
     """
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
-    km, km_strides = key_mask_strides(key_mask, b, h, n_k)
     fields = dict(
-        q=q.data_ptr(),
-        k=k.data_ptr(),
-        v=v.data_ptr(),
         batch=b,
         heads=h,
         kv_heads=h_kv,
@@ -403,42 +413,37 @@ def sparse_params(
         num_classes=layout.num_classes,
         num_q_blocks=layout.num_q_blocks,
         num_k_blocks=layout.num_k_blocks,
-        dtype=_DTYPE_CODES[q.dtype],
+        dtype=_dtype_code(q.dtype),
         scale=float(scale),
         scale_log2=float(scale) * _LOG2E,
-        key_mask=0 if km is None else km.data_ptr(),
-        km_sb=km_strides[0],
-        km_sh=km_strides[1],
-        km_sn=km_strides[2],
-        use_tiles=int(layout.tiles is not None),
+        max_kv_full=layout.kv_full_idx.shape[-1],
+        max_kv_part=layout.kv_part_idx.shape[-1],
+        max_q_full=layout.q_full_idx.shape[-1],
+        max_q_part=layout.q_part_idx.shape[-1],
     )
+    km, km_strides = key_mask_strides(key_mask, b, h, n_k)
+    if km is not None:
+        fields.update(
+            key_mask=km.data_ptr(), km_sb=km_strides[0], km_sh=km_strides[1], km_sn=km_strides[2]
+        )
     for name, t in (("q", q), ("k", k), ("v", v), ("o", out), ("do", dout)):
         if t is not None:
             fields.update(
                 {f"{name}_sb": t.stride(0), f"{name}_sh": t.stride(1), f"{name}_sn": t.stride(2)}
             )
-    for name, t in (("out", out), ("dout", dout), ("lse", lse), ("delta", delta)):
-        if t is not None:
-            fields[name] = t.data_ptr()
-    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
-        if t is not None:
-            fields[name] = t.data_ptr()
+    buffers = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, delta=delta, dq=dq, dk=dk, dv=dv)
     for name in ("kv_full_num", "kv_full_idx", "kv_part_num", "kv_part_idx"):
-        fields[name] = getattr(layout, name).data_ptr()
+        buffers[name] = getattr(layout, name)
     for name in ("q_full_num", "q_full_idx", "q_part_num", "q_part_idx"):
-        fields[name] = getattr(layout, name).data_ptr()
-    fields["max_kv_full"] = layout.kv_full_idx.shape[-1]
-    fields["max_kv_part"] = layout.kv_part_idx.shape[-1]
-    fields["max_q_full"] = layout.q_full_idx.shape[-1]
-    fields["max_q_part"] = layout.q_part_idx.shape[-1]
+        buffers[name] = getattr(layout, name)
     if layout.tiles is not None:
-        fields.update(
-            tiles=layout.tiles.data_ptr(),
-            kv_part_tile=layout.kv_part_tile.data_ptr(),
-            q_part_tile=layout.q_part_tile.data_ptr(),
+        buffers.update(
+            tiles=layout.tiles, kv_part_tile=layout.kv_part_tile, q_part_tile=layout.q_part_tile
         )
     else:
-        fields.update(terms=layout.terms.data_ptr(), num_terms=layout.terms.shape[1])
+        buffers["terms"] = layout.terms
+        fields["num_terms"] = layout.terms.shape[1]
+    fields.update({name: t.data_ptr() for name, t in buffers.items() if t is not None})
     return fields
 
 
@@ -452,17 +457,19 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _launch(lib, name: str, fields: dict, geometry: Geometry, stream: int, tensors) -> None:
-    """Fill the parameter block and call ``lib.<name>(params, launch)``.
+    """Build the parameter block from ``fields`` and call ``lib.<name>(params, launch)``.
 
     ``lib`` is effattn._C, or the host emulator of the tests, which also wants the buffers the
     launch may touch (``emulator_ranges``) to bounds-check every access.
     """
-    params = lib.CudaXlParams() if name.startswith("cuda_xl") else lib.CudaSparseParams()
-    for key, value in fields.items():
-        setattr(params, key, value)
-    launch = lib.CudaLaunch()
-    launch.grid_x, launch.grid_y = geometry.grid_x, geometry.grid_y
-    launch.threads, launch.smem_bytes, launch.stream = geometry.threads, geometry.smem_bytes, stream
+    params = (lib.CudaXlParams if name.startswith("cuda_xl") else lib.CudaSparseParams)(**fields)
+    launch = lib.CudaLaunch(
+        grid_x=geometry.grid_x,
+        grid_y=geometry.grid_y,
+        threads=geometry.threads,
+        smem_bytes=geometry.smem_bytes,
+        stream=stream,
+    )
     if hasattr(lib, "emulator_ranges"):
         lib.emulator_ranges([_span(t) for t in tensors if t is not None])
     getattr(lib, name)(params, launch)
@@ -573,7 +580,7 @@ def xl_params(
     first_diag: int = 0,
     **tensors: torch.Tensor,
 ) -> dict:
-    """The fields of ``CudaXlParams`` (csrc/cuda/params.h).
+    """The keyword arguments of ``CudaXlParams`` (csrc/cuda/params.h).
 
     Args:
         q: [B, H, L, Dp]; k: [B, Hkv, N, Dp]; r: [H, R, Dp]; all contiguous (contiguous_rows).
@@ -597,7 +604,7 @@ def xl_params(
         head_dim=d,
         window=n_k if window is None else min(int(window), n_k),
         first_diag=first_diag,
-        dtype=_DTYPE_CODES[q.dtype],
+        dtype=_dtype_code(q.dtype),
         scale=float(scale),
         scale_log2=float(scale) * _LOG2E,
     )
@@ -680,7 +687,7 @@ def _lib():
 
 
 def _check_tensor(q: torch.Tensor) -> None:
-    if q.dtype not in _DTYPE_CODES:
+    if q.dtype not in _DTYPES:
         raise TypeError(
             f"the cuda backend takes fp16 or bf16 tensors, got {q.dtype}; use backend='triton' "
             "for fp32"
