@@ -589,7 +589,8 @@ def _xl_backward_op(
     kern = _xl_kernels(backend, q)
     delta = _xl_delta(out, dout, dlse)
     grads = kern.xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, scale=scale, window=window)
-    return tuple(g.contiguous() for g in grads)
+    # Kernels may return the accumulation dtype (the CPU and CUDA ones do): round once, here.
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, r, u, vb)))
 
 
 @_xl_backward_op.register_fake

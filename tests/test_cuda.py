@@ -349,6 +349,20 @@ def test_emulated_kernels_read_strided_inputs_in_place(emulated):
         _assert_close(name, got, want, torch.bfloat16)
 
 
+def test_emulated_backward_returns_fp32(emu):
+    # The parts of a plan add up in fp32 before functional rounds them once.
+    q, k, v = _inputs(1, 2, 1, 70, 70, 48, torch.bfloat16)
+    lay = P.causal().layout(70, 70, 64, 64)
+    out, lse = ops.run_sparse_forward(emu, 0, q, k, v, lay, scale=0.2)
+    delta = (out.float() * q.float()).sum(-1)
+    grads = ops.run_sparse_backward(emu, 0, q, k, v, q, lse, delta, lay, scale=0.2)
+    assert [(g.dtype, g.shape) for g in grads] == [(torch.float32, t.shape) for t in (q, k, v)]
+    xl = _xl_inputs(1, 2, 1, 10, 5, 8, 48, torch.float16)
+    out, lse = ops.run_xl_forward(emu, 0, *xl, scale=0.2, window=None)
+    grads = ops.run_xl_backward(emu, 0, *xl, out, xl[0], lse, lse, scale=0.2, window=None)
+    assert [(g.dtype, g.shape) for g in grads] == [(torch.float32, t.shape) for t in xl]
+
+
 # --------------------------------------------------------------------------- Transformer-XL
 def test_xl_diagonals_cover_every_allowed_tile():
     for n_q, n_k, window in [

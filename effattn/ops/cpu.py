@@ -287,7 +287,8 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
         delta: [B, H, n_q] rowsum(dout * out) - dlse of the whole plan.
 
     Returns:
-        dq [B, H, n_q, D], dk and dv [B, Hkv, n_k, D], in the inputs' dtypes.
+        dq [B, H, n_q, D], dk and dv [B, Hkv, n_k, D] in the accumulation dtype (fp32, fp64 for
+        fp64): the caller sums a plan's parts before rounding once.
     """
     check(q, k, v)
     _check_backward(q, dout, lse, delta)
@@ -307,7 +308,7 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
         )  # fmt: skip
         _ext().cpu_sparse_backward(args, ISA or "")
         del keep
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
 
 
 # --------------------------------------------------------------------------- Transformer-XL
@@ -381,7 +382,8 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
             rowsum(dout * out) - dlse.
 
     Returns:
-        (dq, dk, dv, dr, du, dvb) shaped and typed like q, k, v, r, u, vb.
+        (dq, dk, dv, dr, du, dvb) shaped like q, k, v, r, u, vb, in the accumulation dtype
+        (fp32, fp64 for fp64).
     """
     _check_xl(q, k, v, r, u, vb, window)
     _check_backward(q, dout, lse, delta)
@@ -399,4 +401,4 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
             **{n: g.data_ptr() for n, g in zip(("dq", "dk", "dv", "dr", "du", "dvb"), grads)},
         )  # fmt: skip
         _ext().cpu_xl_backward(args, ISA or "")
-    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v, r, u, vb)))
+    return tuple(grads)

@@ -637,7 +637,7 @@ def run_xl_backward(lib, stream: int, q, k, v, r, u, vb, out, dout, lse, delta, 
     h_kv, n_k = k.shape[1], k.shape[2]
     n_r = r.shape[1]
     if q.numel() == 0:
-        return tuple(torch.zeros_like(t) for t in (q, k, v, r, u, vb))
+        return tuple(torch.zeros(t.shape, device=t.device) for t in (q, k, v, r, u, vb))
     dp = padded_head_dim(d)
     _check_like_q(q, k=k, v=v, r=r, u=u, vb=vb, dout=dout)
     qp, kp, vp, rp, up, vbp, dop = (contiguous_rows(t, dp) for t in (q, k, v, r, u, vb, dout))
@@ -670,7 +670,7 @@ def run_xl_backward(lib, stream: int, q, k, v, r, u, vb, out, dout, lse, delta, 
     group = h // h_kv
     du = torch.einsum("bkgn,bknd->kgd", colsum.view(b, h_kv, group, n_k), kp.float())
     grads = (dq, dk, dv, dr, du.reshape(h, dp), dvb)
-    return tuple(g[..., :d].to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, r, u, vb)))
+    return tuple(g if dp == d else g[..., :d].contiguous() for g in grads)
 
 
 # --------------------------------------------------------------------------- backend contract
@@ -805,7 +805,7 @@ def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None):
 
 
 def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, window: int | None):
-    """Gradients (dq, dk, dv, dr, du, dvb), shaped and typed like q, k, v, r, u, vb.
+    """Gradients (dq, dk, dv, dr, du, dvb), shaped like q, k, v, r, u, vb, fp32.
 
     dout [B, H, L, D]; lse [B, H, L] from the forward; delta = rowsum(dout * out) - dlse. dr is
     reduced over the block diagonals deterministically (no atomics), du and dvb from the kernels'
