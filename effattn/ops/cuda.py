@@ -133,12 +133,13 @@ def xl_diagonals(n_q: int, n_k: int, window: int | None) -> tuple[int, int]:
 
 
 def fold_bands(parts: torch.Tensor, base: int, n_r: int) -> torch.Tensor:
-    """Sum per-diagonal band rows into per-distance rows of r: [B, H, n_diag, 128, ...] ->
-    [H, n_r, ...].
+    """Sum per-diagonal band rows into per-distance rows of r: [B, H, n_diag, 2 BLOCK, ...] ->
+    [H, n_r, ...], the trailing dims (D for dr, none for the band sums of dS) summed alike.
 
-    Band row t of diagonal p holds distance base + 64 p + t (bands of adjacent diagonals overlap
-    by 64 rows); negative distances are dropped (they hold masked zeros) and distances >= n_r - 1
-    all go to row n_r - 1 (clamp_len).
+    Band row t of diagonal p holds distance base + BLOCK p + t, so the bands of adjacent
+    diagonals share BLOCK distances; a tile spans 2 BLOCK - 1 of them, so row 2 BLOCK - 1 is
+    always zero. Rows at negative distances are dropped (they hold masked zeros); distances
+    >= n_r - 1 all go to row n_r - 1, as they all read r[n_r - 1] (clamp_len).
     """
     parts = parts.sum(0)
     h, n_diag = parts.shape[:2]
