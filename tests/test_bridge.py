@@ -9,7 +9,6 @@ side reaches a kernel as a null pointer.
 
 from __future__ import annotations
 
-import cuda_emulator
 import pytest
 import torch
 
@@ -27,15 +26,7 @@ def ext():
     return _extension.require()
 
 
-@pytest.fixture(scope="module")
-def emu():
-    try:
-        return cuda_emulator.load()
-    except RuntimeError as e:
-        pytest.fail(str(e))
-
-
-def _cpu_sparse_kwargs(key_mask=False):
+def _cpu_sparse_kwargs():
     """Keyword arguments of a CpuSparseArgs for a causal forward, and the tensors they point
     into."""
     from effattn.ops import cpu

@@ -15,7 +15,6 @@ import dataclasses
 import importlib.util
 import itertools
 
-import cuda_emulator
 import pytest
 import torch
 
@@ -48,14 +47,6 @@ def ext():
     mod = _extension.load()
     assert mod is not None, _extension.load_error
     return mod
-
-
-@pytest.fixture(scope="module")
-def emu():
-    try:
-        return cuda_emulator.load()
-    except RuntimeError as e:
-        pytest.fail(str(e))
 
 
 def _term_fields() -> tuple[str, ...]:

@@ -18,7 +18,6 @@ import re
 import sys
 from pathlib import Path
 
-import cuda_emulator
 import pytest
 import torch
 
@@ -183,13 +182,6 @@ def test_auto_never_picks_cuda():
 
 
 # --------------------------------------------------------------------------- emulator
-@pytest.fixture(scope="session")
-def emu():
-    """The kernels compiled for the host with the emulator (cached by source hash)."""
-    try:
-        return cuda_emulator.load()
-    except RuntimeError as e:
-        pytest.fail(str(e))
 
 
 def _inputs(b, h, h_kv, n_q, n_k, d, dtype, seed=0, device="cpu"):
