@@ -1,6 +1,8 @@
-// The effattn._C extension module: build facts plus the per-backend registrations.
+// The effattn._C extension module: build facts, the shared constants and the per-backend
+// registrations.
 #include <pybind11/pybind11.h>
 
+#include "bind.h"
 #include "register.h"
 
 #ifndef EFFATTN_VERSION
@@ -26,6 +28,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("version", []() { return std::string(EFFATTN_VERSION); },
         "Version of effattn the extension was built from.");
 
+  effattn::bind::export_constants(m);
   effattn::register_cpu(m);
 #ifdef EFFATTN_WITH_CUDA
   effattn::register_cuda(m);

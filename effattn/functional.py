@@ -360,6 +360,7 @@ def _xl_backward_op(
         return tuple(t.new_zeros(t.shape) for t in (q, k, v, r, u, vb))
     delta = _xl_delta(out, dout, dlse)
     grads = chosen.xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, scale=scale, window=window)
+    # Kernels may return the accumulation dtype (the CPU and CUDA ones do): round once, here.
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, r, u, vb)))
 
 

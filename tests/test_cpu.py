@@ -452,6 +452,30 @@ def test_fixed_summary_part_joins_in_kernel(monkeypatch, small_blocks):
     torch.testing.assert_close(lse, want_lse, rtol=1e-10, atol=1e-11)
 
 
+# --------------------------------------------------------------------------- gradient dtype
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_gradients_in_accumulation_dtype(dtype):
+    """The backward kernels return fp32 (fp64 for fp64): functional sums a plan's parts in that
+    dtype and rounds once, so the public functions give gradients in the inputs' dtype."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k, v = _qkv(1, 2, 1, 40, 40, 16, dtype=dtype)
+    lay = lambda bm, bn: patterns.causal().layout(40, 40, bm, bn)
+    out, lse = cpu.sparse_forward(q, k, v, lay, scale=0.25)
+    delta = (out.to(acc) * q.to(acc)).sum(-1)
+    grads = cpu.sparse_backward(q, k, v, q, lse, delta, lay, scale=0.25)
+    assert [g.dtype for g in grads] == [acc] * 3
+    xl = list(_xl_inputs(1, 2, 1, 10, 5, 16, 8, dtype=dtype))
+    out, lse = cpu.xl_forward(*xl, scale=0.25)
+    grads = cpu.xl_backward(*xl, out, xl[0], lse, lse.clone(), scale=0.25)
+    assert [g.dtype for g in grads] == [acc] * 6
+    xs = [t.requires_grad_() for t in xl]
+    effattn.xl_attention(*xs, backend="cpu").float().sum().backward()
+    assert [x.grad.dtype for x in xs] == [dtype] * 6
+    qkv = [t.requires_grad_() for t in (q, k, v)]
+    effattn.sparse_attention(*qkv, patterns.strided(16), backend="cpu").float().sum().backward()
+    assert [x.grad.dtype for x in qkv] == [dtype] * 3
+
+
 # --------------------------------------------------------------------------- errors
 def test_errors():
     q, k, v = _qkv(1, 2, 2, 20, 20, 16, dtype=torch.float32)

@@ -39,7 +39,6 @@ constexpr double kLn2 = 0.6931471805599453;
 // Rows this many bytes apart or more are copied before a GEMM reads them repeatedly: they map
 // to few cache sets (a page apart, always the same ones), and evict each other when read in place.
 constexpr i64 kFarRows = 4096;
-constexpr int kGroupEq = 0, kGroupLt = 1;  // effattn.patterns.GROUP_EQ / GROUP_LT (else NE)
 
 inline i64 round_up(i64 x, i64 m) { return (x + m - 1) / m * m; }
 
@@ -123,8 +122,9 @@ typedef bool (*SpanOf)(const int32_t* f, i64 x, i64 base, i64 size, TermSpan& ou
 // The span of query rows il (position p0 + il, il < BM) that term f allows key j (the columns
 // constraint gates j itself).
 inline bool term_rows(const int32_t* f, i64 j, i64 p0, i64 BM, TermSpan& out) {
-  const i64 lo = f[0], hi = f[1], mod = f[2], gq = f[3], gk = f[4], grel = f[5];
-  const i64 smod = f[6], smin = f[7], smax = f[8];
+  const i64 lo = f[term::lo], hi = f[term::hi], mod = f[term::mod];
+  const i64 gq = f[term::gq], gk = f[term::gk], grel = f[term::grel];
+  const i64 smod = f[term::smod], smin = f[term::smin], smax = f[term::smax];
   if (smod > 0) {
     const i64 rem = posmod(j, smod);
     if (rem < smin || rem > smax) return false;
@@ -151,15 +151,15 @@ inline bool term_rows(const int32_t* f, i64 j, i64 p0, i64 BM, TermSpan& out) {
   return a <= z;
 }
 
-// Hull [lo, hi] of the positions that an OR of terms [nt, 9] may allow x (Of: term_rows or
-// term_cols).
+// Hull [lo, hi] of the positions that an OR of terms [nt, term::kNumFields] may allow x (Of:
+// term_rows or term_cols).
 template <SpanOf Of>
 inline void term_hull(const int32_t* terms, i64 nt, i64 x, i64 base, i64 size, int32_t& lo,
                       int32_t& hi) {
   i64 l = size, h = -1;
   TermSpan sp;
   for (i64 t = 0; t < nt; ++t)
-    if (Of(terms + 9 * t, x, base, size, sp)) {
+    if (Of(terms + term::kNumFields * t, x, base, size, sp)) {
       l = imin(l, sp.a);
       h = imax(h, sp.z);
     }
@@ -189,7 +189,7 @@ void apply_terms(const int32_t* terms, i64 nt, i64 x, i64 base, i64 size, T* s,
   };
   TermSpan sp;
   for (i64 t = 0; t < nt; ++t) {
-    if (!Of(terms + 9 * t, x, base, size, sp)) continue;
+    if (!Of(terms + term::kNumFields * t, x, base, size, sp)) continue;
     if (sp.step > 1) {
       Lane* lanes = reinterpret_cast<Lane*>(keep);
       for (i64 i = sp.a; i <= sp.z; i += sp.step) {
@@ -423,6 +423,11 @@ inline LayoutRow q_row(const SparseArgs& a, i64 c, i64 kb) {
           a.q_part_tile ? a.q_part_tile + at * a.q_part_w : nullptr};
 }
 
+// The terms of head class c.
+inline const int32_t* class_terms(const SparseArgs& a, i64 c) {
+  return a.terms + c * a.num_terms * term::kNumFields;
+}
+
 // Hides the scores St_row [BM] of key row jj of a partial block that the pattern forbids.
 template <class T>
 void mask_partial_row(const SparseArgs& a, i64 c, i64 tile, i64 qb, i64 kb, i64 jj, T* s,
@@ -432,7 +437,7 @@ void mask_partial_row(const SparseArgs& a, i64 c, i64 tile, i64 qb, i64 kb, i64 
     for (i64 il = 0; il < a.BM; ++il)
       if (!t[il * a.BN]) s[il] = neg_inf<T>();
   } else {
-    apply_terms<T, term_rows>(a.terms + c * a.num_terms * 9, a.num_terms, kb * a.BN + jj,
+    apply_terms<T, term_rows>(class_terms(a, c), a.num_terms, kb * a.BN + jj,
                               a.q_offset + qb * a.BM, a.BM, s, keep);
   }
 }
@@ -461,8 +466,9 @@ void mask_tile(const SparseArgs& a, const LayoutRow& lr, i64 t, i64 c, i64 qb, i
 // key form an interval (no modulus, no excluded group).
 inline bool hulls_exact(const SparseArgs& a, i64 c) {
   if (a.tiles != nullptr || a.num_terms != 1) return false;
-  const int32_t* f = a.terms + c * 9;
-  return f[2] == 0 && (f[3] == 0 || f[5] == kGroupEq || f[5] == kGroupLt);
+  const int32_t* f = class_terms(a, c);
+  return f[term::mod] == 0 &&
+         (f[term::gq] == 0 || f[term::grel] == kGroupEq || f[term::grel] == kGroupLt);
 }
 
 // Per key row jj of a tile, the hull [lo, hi] of the query rows it may be seen by: empty for
@@ -482,7 +488,7 @@ inline void tile_hulls(const SparseArgs& a, const uint8_t* km, const LayoutRow& 
       while (lo[jj] < BM && !col[lo[jj] * a.BN]) ++lo[jj];
       while (hi[jj] >= lo[jj] && !col[hi[jj] * a.BN]) --hi[jj];
     } else if (partial) {
-      term_hull<term_rows>(a.terms + c * a.num_terms * 9, a.num_terms, kb * a.BN + jj,
+      term_hull<term_rows>(class_terms(a, c), a.num_terms, kb * a.BN + jj,
                            a.q_offset + qb * a.BM, a.BM, lo[jj], hi[jj]);
     }
   }
@@ -556,8 +562,9 @@ void sparse_forward_impl(const SparseArgs& a) {
 
 // The span of key columns jj (key j0 + jj, jj < BN) that term f allows query position p.
 inline bool term_cols(const int32_t* f, i64 p, i64 j0, i64 BN, TermSpan& out) {
-  const i64 lo = f[0], hi = f[1], mod = f[2], gq = f[3], gk = f[4], grel = f[5];
-  const i64 smod = f[6], smin = f[7], smax = f[8];
+  const i64 lo = f[term::lo], hi = f[term::hi], mod = f[term::mod];
+  const i64 gq = f[term::gq], gk = f[term::gk], grel = f[term::grel];
+  const i64 smod = f[term::smod], smin = f[term::smin], smax = f[term::smax];
   i64 a = imax(0, p - hi - j0), z = imin(BN - 1, p - lo - j0);  // lo <= p - j <= hi
   i64 ex_a = BN, ex_z = -1;
   if (gq > 0) {
@@ -606,8 +613,8 @@ inline void row_hulls(const SparseArgs& a, const LayoutRow& lr, i64 t, i64 c, i6
       while (lo[il] < BN && !row[lo[il]]) ++lo[il];
       while (hi[il] >= lo[il] && !row[hi[il]]) --hi[il];
     } else if (partial) {
-      term_hull<term_cols>(a.terms + c * a.num_terms * 9, a.num_terms,
-                           a.q_offset + qb * a.BM + il, kb * a.BN, a.BN, lo[il], hi[il]);
+      term_hull<term_cols>(class_terms(a, c), a.num_terms, a.q_offset + qb * a.BM + il,
+                           kb * a.BN, a.BN, lo[il], hi[il]);
     }
   }
 }
@@ -624,9 +631,8 @@ void mask_rows(const SparseArgs& a, const LayoutRow& lr, i64 t, i64 c, i64 qb, i
       for (i64 jj = 0; jj < a.BN; ++jj)
         if (!row[jj]) s[jj] = neg_inf<T>();
     } else if (partial) {
-      apply_terms<T, term_cols>(a.terms + c * a.num_terms * 9, a.num_terms,
-                                a.q_offset + qb * a.BM + il, kb * a.BN, a.BN, s,
-                                reinterpret_cast<typename VT<T>::I*>(keep));
+      apply_terms<T, term_cols>(class_terms(a, c), a.num_terms, a.q_offset + qb * a.BM + il,
+                                kb * a.BN, a.BN, s, reinterpret_cast<typename VT<T>::I*>(keep));
     }
     if (colb)
       for (i64 jj = 0; jj < a.BN; jj += W) vst(s + jj, vld(s + jj) + vld(colb + jj));

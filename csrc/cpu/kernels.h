@@ -14,10 +14,10 @@
 #include <cstdint>
 #include <utility>  // std::index_sequence (attention_impl.h): types only
 
+#include "constants.h"
+
 namespace effattn {
 namespace cpu {
-
-enum Dtype : int { kFloat32 = 0, kFloat64 = 1 };
 
 // What every attention kernel takes: q [B, H, n_q, D], k / v [B, Hkv, n_k, D] with element
 // strides {b, h, n, d}, the forward's outputs out and lse, and the backward's inputs (dout
@@ -70,7 +70,7 @@ struct SparseArgs : AttentionArgs {
   const int32_t* q_part_idx = nullptr;
   const int32_t* q_part_tile = nullptr;
   int64_t q_full_w = 0, q_part_w = 0;
-  // Partial-block predicate: terms [P, T, 9] or tiles [U, BM, BN] (bool).
+  // Partial-block predicate: terms [P, T, term::kNumFields] or tiles [U, BM, BN] (bool).
   const int32_t* terms = nullptr;
   int64_t num_terms = 0;
   const uint8_t* tiles = nullptr;

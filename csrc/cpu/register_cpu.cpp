@@ -1,8 +1,11 @@
 // Bindings of the C++ CPU backend.
 //
-// The kernels take one dict of plain ints per call (data pointers as ints, shapes, element
-// strides as lists), built and validated by effattn/ops/cpu.py; missing keys raise KeyError.
-// The GIL is released while they run.
+// Each kernel takes one argument object, CpuSparseArgs or CpuXlArgs: the fields of the structs
+// of kernels.h (data pointers as ints, shapes, element strides as tuples), given by keyword when
+// effattn/ops/cpu.py builds it. A required field left out or an unknown keyword raises
+// TypeError, and each kernel raises ValueError when an output or input of its direction is
+// absent; the values themselves are validated in Python, not here. The GIL is released while
+// the kernels run.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -10,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "bind.h"
 #include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 #include "cpu/parallel.h"
@@ -36,131 +40,123 @@ int default_threads() {
 
 std::atomic<int> g_num_threads{0};  // 0: not set yet, use default_threads()
 
-int64_t get_int(const py::dict& d, const char* key) {
-  if (!d.contains(key)) throw py::key_error(std::string("missing argument '") + key + "'");
-  return d[key].cast<int64_t>();
+// The fields every kernel takes; each direction needs its own outputs and backward inputs.
+template <class S>
+std::vector<bind::Field<S>> attention_fields() {
+  return {
+      EFFATTN_FIELD(S, dtype, kRequired),  EFFATTN_FIELD(S, threads, kRequired),
+      EFFATTN_FIELD(S, B, kRequired),      EFFATTN_FIELD(S, H, kRequired),
+      EFFATTN_FIELD(S, Hkv, kRequired),    EFFATTN_FIELD(S, D, kRequired),
+      EFFATTN_FIELD(S, q, kRequired),      EFFATTN_FIELD(S, k, kRequired),
+      EFFATTN_FIELD(S, v, kRequired),      EFFATTN_FIELD(S, sq, kRequired),
+      EFFATTN_FIELD(S, sk, kRequired),     EFFATTN_FIELD(S, sv, kRequired),
+      EFFATTN_FIELD(S, scale, kRequired),  EFFATTN_FIELD(S, BM, kRequired),
+      EFFATTN_FIELD(S, BN, kRequired),     EFFATTN_FIELD(S, out, kOptional),
+      EFFATTN_FIELD(S, lse, kOptional),    EFFATTN_FIELD(S, dout, kOptional),
+      EFFATTN_FIELD_WITH(S, sdo, dout),    EFFATTN_FIELD(S, lse_in, kOptional),
+      EFFATTN_FIELD(S, delta, kOptional),  EFFATTN_FIELD(S, dq, kOptional),
+      EFFATTN_FIELD(S, dk, kOptional),     EFFATTN_FIELD(S, dv, kOptional),
+  };
 }
 
-int64_t get_int(const py::dict& d, const char* key, int64_t fallback) {
-  return d.contains(key) ? d[key].cast<int64_t>() : fallback;
+std::vector<bind::Field<cpu::SparseArgs>> sparse_fields() {
+  using S = cpu::SparseArgs;
+  std::vector<bind::Field<S>> f = attention_fields<S>();
+  f.insert(f.end(), {
+      EFFATTN_FIELD(S, n_q, kRequired),          EFFATTN_FIELD(S, n_k, kRequired),
+      EFFATTN_FIELD(S, key_mask, kOptional),     EFFATTN_FIELD_WITH(S, skm, key_mask),
+      EFFATTN_FIELD_WITH(S, so, out),            EFFATTN_FIELD_WITH(S, sl, lse),
+      EFFATTN_FIELD(S, join, kOptional),         EFFATTN_FIELD(S, q_offset, kRequired),
+      EFFATTN_FIELD(S, P, kRequired),            EFFATTN_FIELD(S, nqb, kRequired),
+      EFFATTN_FIELD(S, nkb, kRequired),          EFFATTN_FIELD(S, kv_full_num, kRequired),
+      EFFATTN_FIELD(S, kv_full_idx, kRequired),  EFFATTN_FIELD(S, kv_part_num, kRequired),
+      EFFATTN_FIELD(S, kv_part_idx, kRequired),  EFFATTN_FIELD_WITH(S, kv_part_tile, tiles),
+      EFFATTN_FIELD(S, kv_full_w, kRequired),    EFFATTN_FIELD(S, kv_part_w, kRequired),
+      EFFATTN_FIELD(S, q_full_num, kRequired),   EFFATTN_FIELD(S, q_full_idx, kRequired),
+      EFFATTN_FIELD(S, q_part_num, kRequired),   EFFATTN_FIELD(S, q_part_idx, kRequired),
+      EFFATTN_FIELD_WITH(S, q_part_tile, tiles), EFFATTN_FIELD(S, q_full_w, kRequired),
+      EFFATTN_FIELD(S, q_part_w, kRequired),     EFFATTN_FIELD(S, terms, kOptional),
+      EFFATTN_FIELD_WITH(S, num_terms, terms),   EFFATTN_FIELD(S, tiles, kOptional),
+  });
+  return f;
 }
 
-template <class T>
-T* get_ptr(const py::dict& d, const char* key) {
-  return reinterpret_cast<T*>(static_cast<uintptr_t>(get_int(d, key, 0)));
+std::vector<bind::Field<cpu::XlArgs>> xl_fields() {
+  using S = cpu::XlArgs;
+  std::vector<bind::Field<S>> f = attention_fields<S>();
+  f.insert(f.end(), {
+      EFFATTN_FIELD(S, L, kRequired),   EFFATTN_FIELD(S, N, kRequired),
+      EFFATTN_FIELD(S, R, kRequired),   EFFATTN_FIELD(S, window, kOptional),
+      EFFATTN_FIELD(S, r, kRequired),   EFFATTN_FIELD(S, u, kRequired),
+      EFFATTN_FIELD(S, vb, kRequired),  EFFATTN_FIELD(S, sr, kRequired),
+      EFFATTN_FIELD(S, su, kRequired),  EFFATTN_FIELD(S, svb, kRequired),
+      EFFATTN_FIELD(S, dr, kOptional),  EFFATTN_FIELD(S, du, kOptional),
+      EFFATTN_FIELD(S, dvb, kOptional),
+  });
+  return f;
 }
 
-void get_strides(const py::dict& d, const char* key, int64_t* out, size_t n) {
-  if (!d.contains(key)) throw py::key_error(std::string("missing argument '") + key + "'");
-  const auto s = d[key].cast<std::vector<int64_t>>();
-  if (s.size() != n)
-    throw py::value_error(std::string(key) + ": expected " + std::to_string(n) + " strides");
-  std::copy(s.begin(), s.end(), out);
-}
-
-cpu::Kernels kernels_for(const py::dict& d) {
-  const std::string isa = d.contains("isa") ? d["isa"].cast<std::string>() : "";
-  const cpu::Kernels k = cpu::select_kernels(isa);
-  if (k.name == nullptr) throw py::value_error("CPU kernels for '" + isa + "' are not available");
-  return k;
-}
-
-// The fields every kernel takes (absent outputs and backward inputs stay null).
-void attention_args(const py::dict& d, cpu::AttentionArgs& a) {
-  a.dtype = static_cast<int>(get_int(d, "dtype"));
-  a.threads = static_cast<int>(std::max<int64_t>(1, get_int(d, "threads")));
-  a.B = get_int(d, "B");
-  a.H = get_int(d, "H");
-  a.Hkv = get_int(d, "Hkv");
-  a.D = get_int(d, "D");
-  a.q = get_ptr<const void>(d, "q");
-  a.k = get_ptr<const void>(d, "k");
-  a.v = get_ptr<const void>(d, "v");
-  get_strides(d, "sq", a.sq, 4);
-  get_strides(d, "sk", a.sk, 4);
-  get_strides(d, "sv", a.sv, 4);
-  a.scale = d["scale"].cast<double>();
-  a.BM = get_int(d, "BM");
-  a.BN = get_int(d, "BN");
-  a.out = get_ptr<void>(d, "out");
-  a.lse = get_ptr<void>(d, "lse");
-  a.dout = get_ptr<const void>(d, "dout");
-  if (a.dout) get_strides(d, "sdo", a.sdo, 4);
-  a.lse_in = get_ptr<const void>(d, "lse_in");
-  a.delta = get_ptr<const void>(d, "delta");
-  a.dq = get_ptr<void>(d, "dq");
-  a.dk = get_ptr<void>(d, "dk");
-  a.dv = get_ptr<void>(d, "dv");
-}
-
-cpu::SparseArgs sparse_args(const py::dict& d) {
-  cpu::SparseArgs a;
-  attention_args(d, a);
-  a.n_q = get_int(d, "n_q");
-  a.n_k = get_int(d, "n_k");
-  a.key_mask = get_ptr<const uint8_t>(d, "key_mask");
-  if (a.key_mask) get_strides(d, "skm", a.skm, 3);
-  if (a.out) {
-    get_strides(d, "so", a.so, 3);
-    get_strides(d, "sl", a.sl, 3);
-    a.join = d.contains("join") && d["join"].cast<bool>();
+// What the constructors check beyond single fields: the codes the kernels dispatch on, and
+// one predicate for partial blocks.
+void check_attention(const cpu::AttentionArgs& a, const char* cls) {
+  if (a.dtype != kFloat32 && a.dtype != kFloat64) {
+    throw py::value_error(std::string(cls) + "(): dtype must be the code of float32 (" +
+                          std::to_string(kFloat32) + ") or float64 (" + std::to_string(kFloat64) +
+                          "), got " + std::to_string(a.dtype));
   }
-  a.q_offset = get_int(d, "q_offset");
-  a.P = get_int(d, "P");
-  a.nqb = get_int(d, "nqb");
-  a.nkb = get_int(d, "nkb");
-  a.kv_full_num = get_ptr<const int32_t>(d, "kv_full_num");
-  a.kv_full_idx = get_ptr<const int32_t>(d, "kv_full_idx");
-  a.kv_part_num = get_ptr<const int32_t>(d, "kv_part_num");
-  a.kv_part_idx = get_ptr<const int32_t>(d, "kv_part_idx");
-  a.kv_part_tile = get_ptr<const int32_t>(d, "kv_part_tile");
-  a.kv_full_w = get_int(d, "kv_full_w");
-  a.kv_part_w = get_int(d, "kv_part_w");
-  a.q_full_num = get_ptr<const int32_t>(d, "q_full_num");
-  a.q_full_idx = get_ptr<const int32_t>(d, "q_full_idx");
-  a.q_part_num = get_ptr<const int32_t>(d, "q_part_num");
-  a.q_part_idx = get_ptr<const int32_t>(d, "q_part_idx");
-  a.q_part_tile = get_ptr<const int32_t>(d, "q_part_tile");
-  a.q_full_w = get_int(d, "q_full_w");
-  a.q_part_w = get_int(d, "q_part_w");
-  a.terms = get_ptr<const int32_t>(d, "terms");
-  a.num_terms = get_int(d, "num_terms", 0);
-  a.tiles = get_ptr<const uint8_t>(d, "tiles");
-  return a;
+  if (a.threads < 1) throw py::value_error(std::string(cls) + "(): threads must be >= 1");
 }
 
-cpu::XlArgs xl_args(const py::dict& d) {
-  cpu::XlArgs a;
-  attention_args(d, a);
-  a.L = get_int(d, "L");
-  a.N = get_int(d, "N");
-  a.R = get_int(d, "R");
-  a.window = get_int(d, "window", 0);
-  a.r = get_ptr<const void>(d, "r");
-  a.u = get_ptr<const void>(d, "u");
-  a.vb = get_ptr<const void>(d, "vb");
-  get_strides(d, "sr", a.sr, 3);
-  get_strides(d, "su", a.su, 2);
-  get_strides(d, "svb", a.svb, 2);
-  a.dr = get_ptr<void>(d, "dr");
-  a.du = get_ptr<void>(d, "du");
-  a.dvb = get_ptr<void>(d, "dvb");
-  return a;
+void finish_sparse(cpu::SparseArgs& a) {
+  check_attention(a, "CpuSparseArgs");
+  if ((a.terms == nullptr) == (a.tiles == nullptr))
+    throw py::value_error("CpuSparseArgs(): give exactly one of terms and tiles");
+  if (a.terms != nullptr && a.num_terms < 1)
+    throw py::value_error("CpuSparseArgs(): num_terms must be >= 1");
 }
 
-// Binds one kernel of the table: (args dict) -> None, parsed with the GIL held, run without.
+void finish_xl(cpu::XlArgs& a) { check_attention(a, "CpuXlArgs"); }
+
+// The fields each direction reads or writes besides the inputs.
 template <class Args>
-void def_kernel(py::module_& m, const char* name, Args (*parse)(const py::dict&),
-                void (*cpu::Kernels::*kernel)(const Args&), const char* doc) {
+void forward_needs(const Args& a, const char* what) {
+  bind::need(a.out, what, "out");
+  bind::need(a.lse, what, "lse");
+}
+
+template <class Args>
+void backward_needs(const Args& a, const char* what) {
+  bind::need(a.dout, what, "dout");
+  bind::need(a.lse_in, what, "lse_in");
+  bind::need(a.delta, what, "delta");
+  bind::need(a.dq, what, "dq");
+  bind::need(a.dk, what, "dk");
+  bind::need(a.dv, what, "dv");
+}
+
+void xl_backward_needs(const cpu::XlArgs& a, const char* what) {
+  backward_needs<cpu::XlArgs>(a, what);
+  bind::need(a.dr, what, "dr");
+  bind::need(a.du, what, "du");
+  bind::need(a.dvb, what, "dvb");
+}
+
+// Binds one kernel of the table: (args, isa="") -> None, run without the GIL; isa names the
+// instruction set ("" for the widest this CPU runs).
+template <class Args>
+void def_kernel(py::module_& m, const char* name, void (*cpu::Kernels::*kernel)(const Args&),
+                void (*needs)(const Args&, const char*), const char* doc) {
   m.def(
       name,
-      [parse, kernel](const py::dict& d) {
-        const cpu::Kernels k = kernels_for(d);
-        const Args a = parse(d);
+      [name, kernel, needs](const Args& a, const std::string& isa) {
+        needs(a, name);
+        const cpu::Kernels k = cpu::select_kernels(isa);
+        if (k.name == nullptr)
+          throw py::value_error("CPU kernels for '" + isa + "' are not available");
         py::gil_scoped_release release;
         (k.*kernel)(a);
       },
-      py::arg("args"), doc);
+      py::arg("args"), py::arg("isa") = "", doc);
 }
 
 }  // namespace
@@ -187,13 +183,20 @@ void register_cpu(py::module_& m) {
         return names;
       },
       "Instruction sets of the CPU kernels that run here, the default (widest) first.");
-  def_kernel(m, "cpu_sparse_forward", &sparse_args, &cpu::Kernels::sparse_forward,
+  bind::struct_class(m, "CpuSparseArgs",
+                     "Arguments of the block-sparse CPU kernels (csrc/cpu/kernels.h, SparseArgs).",
+                     sparse_fields(), &finish_sparse);
+  bind::struct_class(m, "CpuXlArgs",
+                     "Arguments of the Transformer-XL CPU kernels (csrc/cpu/kernels.h, XlArgs).",
+                     xl_fields(), &finish_xl);
+  def_kernel(m, "cpu_sparse_forward", &cpu::Kernels::sparse_forward,
+             &forward_needs<cpu::SparseArgs>,
              "Block-sparse attention forward of one plan part (see effattn.ops.cpu).");
-  def_kernel(m, "cpu_sparse_backward", &sparse_args, &cpu::Kernels::sparse_backward,
-             "Block-sparse attention backward of one plan part.");
-  def_kernel(m, "cpu_xl_forward", &xl_args, &cpu::Kernels::xl_forward,
+  def_kernel(m, "cpu_sparse_backward", &cpu::Kernels::sparse_backward,
+             &backward_needs<cpu::SparseArgs>, "Block-sparse attention backward of one plan part.");
+  def_kernel(m, "cpu_xl_forward", &cpu::Kernels::xl_forward, &forward_needs<cpu::XlArgs>,
              "Transformer-XL attention forward.");
-  def_kernel(m, "cpu_xl_backward", &xl_args, &cpu::Kernels::xl_backward,
+  def_kernel(m, "cpu_xl_backward", &cpu::Kernels::xl_backward, &xl_backward_needs,
              "Transformer-XL attention backward.");
 }
 

@@ -14,26 +14,30 @@ namespace effattn {
 namespace cuda {
 
 // Calls f(E{}, std::integral_constant<int, D>{}) for the element type and head dim of a call;
-// the kernels are compiled for fp16 / bf16 and D in {64, 128} (Python pads other head dims).
+// the kernels are compiled for fp16 / bf16 and the two head dims of kHeadDims.
 template <class F>
 void dispatch(int dtype, int head_dim, const char* what, F&& f) {
-  using D64 = std::integral_constant<int, 64>;
-  using D128 = std::integral_constant<int, 128>;
+  using Small = std::integral_constant<int, kHeadDims[0]>;
+  using Large = std::integral_constant<int, kHeadDims[1]>;
+  static_assert(sizeof(kHeadDims) == 2 * sizeof(int), "dispatch covers two head dims");
   if (dtype != kFloat16 && dtype != kBFloat16) {
-    throw std::invalid_argument(std::string(what) +
-                                ": dtype code must be 0 (fp16) or 1 (bf16), got " +
+    throw std::invalid_argument(std::string(what) + ": dtype code must be " +
+                                std::to_string(kFloat16) + " (fp16) or " +
+                                std::to_string(kBFloat16) + " (bf16), got " +
                                 std::to_string(dtype));
   }
-  if (head_dim != 64 && head_dim != 128) {
-    throw std::invalid_argument(std::string(what) + ": head_dim must be 64 or 128, got " +
+  if (head_dim != Small::value && head_dim != Large::value) {
+    throw std::invalid_argument(std::string(what) + ": head_dim must be " +
+                                std::to_string(Small::value) + " or " +
+                                std::to_string(Large::value) + ", got " +
                                 std::to_string(head_dim));
   }
   if (dtype == kFloat16) {
-    if (head_dim == 64) f(F16{}, D64{});
-    else f(F16{}, D128{});
+    if (head_dim == Small::value) f(F16{}, Small{});
+    else f(F16{}, Large{});
   } else {
-    if (head_dim == 64) f(BF16{}, D64{});
-    else f(BF16{}, D128{});
+    if (head_dim == Small::value) f(BF16{}, Small{});
+    else f(BF16{}, Large{});
   }
 }
 

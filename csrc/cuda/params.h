@@ -12,11 +12,16 @@
 
 #include <cstdint>
 
+#include "constants.h"
+
 namespace effattn {
 namespace cuda {
 
-// Element types of q, k, v (and dout, out); accumulation is always fp32.
-enum DType : int { kFloat16 = 0, kBFloat16 = 1 };
+// Query and key blocks of every kernel (effattn.ops.cuda.BLOCK): sparse layouts are built for
+// kBlock x kBlock blocks.
+constexpr int kBlock = 64;
+// Head dims the kernels are compiled for (effattn.ops.cuda.HEAD_DIMS); Python pads the others.
+constexpr int kHeadDims[] = {64, 128};
 
 // Launch geometry, filled by Python (effattn.ops.cuda.launch_geometry).
 struct Launch {
@@ -45,13 +50,14 @@ struct SparseParams {
   uintptr_t key_mask = 0;
   int64_t km_sb = 0, km_sh = 0, km_sn = 0;
 
-  // BlockLayout (effattn.patterns), int32, contiguous, for 64 x 64 blocks.
+  // BlockLayout (effattn.patterns), int32, contiguous, for kBlock x kBlock blocks.
   uintptr_t kv_full_num = 0, kv_full_idx = 0, kv_part_num = 0, kv_part_idx = 0;
   uintptr_t kv_part_tile = 0;  // int32 [P, nqb, max_kv_part]; used with tiles only
   uintptr_t q_full_num = 0, q_full_idx = 0, q_part_num = 0, q_part_idx = 0;
   uintptr_t q_part_tile = 0;  // int32 [P, nkb, max_q_part]; used with tiles only
   int max_kv_full = 1, max_kv_part = 1, max_q_full = 1, max_q_part = 1;
-  // Partial blocks: terms int32 [P, num_terms, 9], or tiles uint8 [U, 64, 64] when use_tiles.
+  // Partial blocks: terms int32 [P, num_terms, term::kNumFields], or tiles uint8
+  // [U, kBlock, kBlock] when use_tiles.
   uintptr_t terms = 0, tiles = 0;
   int num_terms = 0;
   int use_tiles = 0;
@@ -59,7 +65,7 @@ struct SparseParams {
   int batch = 0, heads = 0, kv_heads = 0;
   int n_q = 0, n_k = 0, q_offset = 0, head_dim = 0;
   int num_classes = 0, num_q_blocks = 0, num_k_blocks = 0;
-  int dtype = kFloat16;
+  int dtype = kFloat16;  // of q, k, v, out, dout: kFloat16 or kBFloat16; accumulation in fp32
   float scale = 0.f;       // score scale
   float scale_log2 = 0.f;  // scale * log2(e): the kernels exponentiate in base 2
 };
@@ -78,7 +84,7 @@ struct XlParams {
   int n_q = 0, n_k = 0, n_r = 0, head_dim = 0;
   int window = 0;      // min(window, N), N when there is none
   int first_diag = 0;  // block diagonal (query block - key block) of program 0 of the dr kernel
-  int dtype = kFloat16;
+  int dtype = kFloat16;  // of q, k, v, r, u, vb, out, dout: kFloat16 or kBFloat16
   float scale = 0.f;
   float scale_log2 = 0.f;
 };

@@ -9,25 +9,26 @@ namespace effattn {
 namespace cuda {
 
 // Query and key blocks of the layouts the sparse kernels read (BlockLayout.block_m / block_n).
-constexpr int kSparseBlock = 64;
+constexpr int kSparseBlock = kBlock;
 
 // One row of the term table: lo <= p - j <= hi; (p - j) % mod == 0 if mod > 0;
-// j / gk REL p / gq if gq > 0 (REL: 0 ==, 1 <, 2 !=); smin <= j % smod <= smax if smod > 0.
+// j / gk REL p / gq if gq > 0 (REL: kGroupEq ==, kGroupLt <, kGroupNe !=);
+// smin <= j % smod <= smax if smod > 0.
 struct Term {
   int lo, hi, mod, gq, gk, grel, smod, smin, smax;
 };
 
 EFFATTN_DEVICE Term load_term(const int32_t* t) {
   Term r;
-  r.lo = dev::gload(t + 0);
-  r.hi = dev::gload(t + 1);
-  r.mod = dev::gload(t + 2);
-  r.gq = dev::gload(t + 3);
-  r.gk = dev::gload(t + 4);
-  r.grel = dev::gload(t + 5);
-  r.smod = dev::gload(t + 6);
-  r.smin = dev::gload(t + 7);
-  r.smax = dev::gload(t + 8);
+  r.lo = dev::gload(t + term::lo);
+  r.hi = dev::gload(t + term::hi);
+  r.mod = dev::gload(t + term::mod);
+  r.gq = dev::gload(t + term::gq);
+  r.gk = dev::gload(t + term::gk);
+  r.grel = dev::gload(t + term::grel);
+  r.smod = dev::gload(t + term::smod);
+  r.smin = dev::gload(t + term::smin);
+  r.smax = dev::gload(t + term::smax);
   return r;
 }
 
@@ -40,7 +41,7 @@ EFFATTN_DEVICE bool term_allows(const Term& t, int p, int j) {
   if (t.mod > 0) ok = ok && d % t.mod == 0;
   if (t.gq > 0) {
     const int qg = p / t.gq, kg = j / dev::imax(t.gk, 1);
-    ok = ok && (t.grel == 0 ? kg == qg : t.grel == 1 ? kg < qg : kg != qg);
+    ok = ok && (t.grel == kGroupEq ? kg == qg : t.grel == kGroupLt ? kg < qg : kg != qg);
   }
   if (t.smod > 0) {
     const int r = j % t.smod;
@@ -68,10 +69,10 @@ EFFATTN_DEVICE uint32_t pattern_bits(const SparseParams& p, int cls, int tile, i
     });
   }
   const int32_t* terms = reinterpret_cast<const int32_t*>(p.terms) +
-                         static_cast<int64_t>(cls) * p.num_terms * 9;
+                         static_cast<int64_t>(cls) * p.num_terms * term::kNumFields;
   uint32_t bits = 0;
   for (int i = 0; i < p.num_terms; ++i) {
-    const Term t = load_term(terms + 9 * i);
+    const Term t = load_term(terms + term::kNumFields * i);
     bits |= fragment_bits<NT>(
         [&](int r, int c) { return term_allows(t, p.q_offset + query(r, c), key(r, c)); });
   }

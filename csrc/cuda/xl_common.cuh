@@ -16,7 +16,7 @@
 namespace effattn {
 namespace cuda {
 
-constexpr int kXlBlock = 64;
+constexpr int kXlBlock = kBlock;
 constexpr int kXlBand = 2 * kXlBlock;
 
 // Scratch of one warp for the band product of a [16 x 8*NT] sub-tile: 16 rows of 8*NT + 16

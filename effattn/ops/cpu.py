@@ -8,12 +8,15 @@ online softmax, memory linear in the sequence length; partial blocks evaluate th
 packed terms with integer arithmetic (or its stored tiles for custom patterns) and skip their
 fully masked sub-tiles. Instruction sets: AVX-512, AVX2 or baseline, chosen at run time.
 
-This module validates and converts; the extension trusts what it is given. fp32 and fp64 run
+This module validates and converts; the extension's argument classes (``CpuSparseArgs``,
+``CpuXlArgs``) refuse a missing or unknown field but trust the values. fp32 and fp64 run
 natively (fp64 for gradcheck); fp16 and bf16 inputs are computed in fp32. Kernels use
 ``torch.get_num_threads()`` threads and give bitwise identical results for any thread count.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -48,7 +51,6 @@ RESUMES = True
 ISA: str | None = None
 """Instruction set of the kernels: None for the widest this CPU runs (see :func:`isas`)."""
 
-_DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -58,6 +60,13 @@ def _ext():
         reason = _extension.load_error or "effattn._C was built without the CPU kernels"
         raise ValueError(f"backend 'cpu' is not available: {reason}")
     return mod
+
+
+@functools.cache
+def _dtype_codes() -> dict[torch.dtype, int]:
+    """The extension's codes (csrc/constants.h) of the dtypes the kernels compute in."""
+    codes = _ext().DTYPE_CODES
+    return {dt: codes[str(dt).removeprefix("torch.")] for dt in (torch.float32, torch.float64)}
 
 
 def isas() -> list[str]:
@@ -94,22 +103,22 @@ def plan_blocks(q: torch.Tensor) -> tuple[int, int]:
 
 
 def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
-    b, h, n_q, d = q.shape
-    return {
-        "dtype": _DTYPE_CODE[q.dtype],
-        "threads": torch.get_num_threads(),
-        "B": b,
-        "H": h,
-        "Hkv": k.shape[1],
-        "D": d,
-        "q": q.data_ptr(),
-        "k": k.data_ptr(),
-        "v": v.data_ptr(),
-        "sq": list(q.stride()),
-        "sk": list(k.stride()),
-        "sv": list(v.stride()),
-        **({"isa": ISA} if ISA else {}),
-    }
+    """The keyword arguments that every kernel's argument class takes for q, k and v."""
+    b, h, _, d = q.shape
+    return dict(
+        dtype=_dtype_codes()[q.dtype],
+        threads=torch.get_num_threads(),
+        B=b,
+        H=h,
+        Hkv=k.shape[1],
+        D=d,
+        q=q.data_ptr(),
+        k=k.data_ptr(),
+        v=v.data_ptr(),
+        sq=q.stride(),
+        sk=k.stride(),
+        sv=v.stride(),
+    )
 
 
 def _tiles(n_q: int, n_k: int) -> tuple[int, int]:
@@ -119,30 +128,42 @@ def _tiles(n_q: int, n_k: int) -> tuple[int, int]:
     return min(BLOCK_M, short), min(BLOCK_N, short)
 
 
+# The BlockLayout tensors the kernels read: int32 index tables, bool tiles.
+_LAYOUT_TENSORS = (
+    "kv_full_num",
+    "kv_full_idx",
+    "kv_part_num",
+    "kv_part_idx",
+    "q_full_num",
+    "q_full_idx",
+    "q_part_num",
+    "q_part_idx",
+    "kv_part_tile",
+    "q_part_tile",
+    "terms",
+    "tiles",
+)
+
+
 def _layout_args(layout, block_m: int, block_n: int) -> tuple[dict, list]:
-    """The layout's fields for the kernel, and the tensors that must outlive the call."""
+    """The keyword arguments of CpuSparseArgs for the layout, and the tensors they point into
+    (which must outlive the call)."""
     if layout.block_m != block_m or layout.block_n != block_n:
         raise ValueError(
             f"layout_fn returned {layout.block_m}x{layout.block_n} blocks, asked for "
             f"{block_m}x{block_n}"
         )
-    names = ("kv_full_num", "kv_full_idx", "kv_part_num", "kv_part_idx")
-    names += ("q_full_num", "q_full_idx", "q_part_num", "q_part_idx")
     if block_m % 16 or block_n % 16 or block_m < 16 or block_n < 16:
         raise ValueError(f"CPU tiles must be multiples of 16, got {block_m} x {block_n}")
     keep, args = [], {}
-    for name in names + ("kv_part_tile", "q_part_tile", "terms"):
+    for name in _LAYOUT_TENSORS:
         t = getattr(layout, name)
         if t is None:
             continue
-        t = t.to(device="cpu", dtype=torch.int32).contiguous()
+        t = t.to(device="cpu", dtype=torch.bool if name == "tiles" else torch.int32).contiguous()
         keep.append(t)
         args[name] = t.data_ptr()
-    if layout.tiles is not None:
-        tiles = layout.tiles.to(device="cpu", dtype=torch.bool).contiguous()
-        keep.append(tiles)
-        args["tiles"] = tiles.data_ptr()
-    else:
+    if layout.tiles is None:
         args["num_terms"] = layout.terms.shape[1]
     args.update(
         q_offset=layout.q_offset,
@@ -160,6 +181,8 @@ def _layout_args(layout, block_m: int, block_n: int) -> tuple[dict, list]:
 
 
 def _key_mask_args(key_mask, b: int, h: int, n_k: int) -> tuple[dict, list]:
+    """The keyword arguments of CpuSparseArgs for the key mask (none without one), and the
+    tensor they point into."""
     if key_mask is None:
         return {}, []
     if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
@@ -175,7 +198,21 @@ def _key_mask_args(key_mask, b: int, h: int, n_k: int) -> tuple[dict, list]:
             f"key_mask of shape {tuple(key_mask.shape)} does not broadcast to [B, H, n_k] = "
             f"{[b, h, n_k]}"
         ) from None
-    return {"key_mask": km.data_ptr(), "skm": list(km.stride())}, [km]
+    return {"key_mask": km.data_ptr(), "skm": km.stride()}, [km]
+
+
+def _sparse_args(q, k, v, layout_fn, scale, key_mask, **direction):
+    """CpuSparseArgs of one call of a sparse kernel, and the tensors it points into beside q, k,
+    v and ``direction`` (the outputs and backward inputs)."""
+    b, h, n_q, _ = q.shape
+    n_k = k.shape[2]
+    bm, bn = _tiles(n_q, n_k)
+    layout, keep = _layout_args(layout_fn(bm, bn), bm, bn)
+    km, keep_km = _key_mask_args(key_mask, b, h, n_k)
+    args = _ext().CpuSparseArgs(
+        **_common(q, k, v), **layout, **km, n_q=n_q, n_k=n_k, scale=float(scale), **direction
+    )
+    return args, keep + keep_km
 
 
 def _check_state(state, q: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,15 +267,13 @@ def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None, state=Non
         out, lse = _check_state(state, q, acc)
     if out.numel():
         qc, kc, vc = q.to(acc), k.to(acc), v.to(acc)
-        bm, bn = _tiles(n_q, k.shape[2])
-        lay_args, keep = _layout_args(layout_fn(bm, bn), bm, bn)
-        km_args, keep_km = _key_mask_args(key_mask, b, h, k.shape[2])
-        args = _common(qc, kc, vc)
-        args.update(lay_args, **km_args, n_q=n_q, n_k=k.shape[2], scale=float(scale))
-        args.update(out=out.data_ptr(), so=list(out.stride()[:3]), join=state is not None)
-        args.update(lse=lse.data_ptr(), sl=list(lse.stride()))
-        _ext().cpu_sparse_forward(args)
-        del keep, keep_km
+        args, keep = _sparse_args(
+            qc, kc, vc, layout_fn, scale, key_mask,
+            out=out.data_ptr(), so=out.stride()[:3], lse=lse.data_ptr(), sl=lse.stride(),
+            join=state is not None,
+        )  # fmt: skip
+        _ext().cpu_sparse_forward(args, ISA or "")
+        del keep
     return (out, lse) if state is not None else (out.to(q.dtype), lse)
 
 
@@ -252,11 +287,11 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
         delta: [B, H, n_q] rowsum(dout * out) - dlse of the whole plan.
 
     Returns:
-        dq [B, H, n_q, D], dk and dv [B, Hkv, n_k, D], in the inputs' dtypes.
+        dq [B, H, n_q, D], dk and dv [B, Hkv, n_k, D] in the accumulation dtype (fp32, fp64 for
+        fp64): the caller sums a plan's parts before rounding once.
     """
     check(q, k, v)
     _check_backward(q, dout, lse, delta)
-    b, h, n_q, d = q.shape
     acc = _acc(q.dtype)
     # The kernel writes every element.
     dq = torch.empty(q.shape, dtype=acc)
@@ -266,23 +301,14 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
         qc, kc, vc, doc = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
         lse_c = lse.to(device="cpu", dtype=acc).contiguous()
         delta_c = delta.to(device="cpu", dtype=acc).contiguous()
-        bm, bn = _tiles(n_q, k.shape[2])
-        lay_args, keep = _layout_args(layout_fn(bm, bn), bm, bn)
-        km_args, keep_km = _key_mask_args(key_mask, b, h, k.shape[2])
-        args = _common(qc, kc, vc)
-        args.update(lay_args, **km_args, n_q=n_q, n_k=k.shape[2], scale=float(scale))
-        args.update(
-            dout=doc.data_ptr(),
-            sdo=list(doc.stride()),
-            lse_in=lse_c.data_ptr(),
-            delta=delta_c.data_ptr(),
-            dq=dq.data_ptr(),
-            dk=dk.data_ptr(),
-            dv=dv.data_ptr(),
-        )
-        _ext().cpu_sparse_backward(args)
-        del keep, keep_km
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        args, keep = _sparse_args(
+            qc, kc, vc, layout_fn, scale, key_mask,
+            dout=doc.data_ptr(), sdo=doc.stride(), lse_in=lse_c.data_ptr(),
+            delta=delta_c.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
+        )  # fmt: skip
+        _ext().cpu_sparse_backward(args, ISA or "")
+        del keep
+    return dq, dk, dv
 
 
 # --------------------------------------------------------------------------- Transformer-XL
@@ -302,9 +328,10 @@ def _check_xl(q, k, v, r, u, vb, window) -> None:
         raise ValueError(f"window must be >= 1, got {window}")
 
 
-def _xl_args(q, k, v, r, u, vb, scale, window) -> dict:
-    args = _common(q, k, v)
-    args.update(
+def _xl_args(q, k, v, r, u, vb, scale, window, **direction):
+    """CpuXlArgs of one call of an XL kernel; ``direction``: its outputs and backward inputs."""
+    return _ext().CpuXlArgs(
+        **_common(q, k, v),
         L=q.shape[2],
         N=k.shape[2],
         R=r.shape[1],
@@ -312,14 +339,14 @@ def _xl_args(q, k, v, r, u, vb, scale, window) -> dict:
         r=r.data_ptr(),
         u=u.data_ptr(),
         vb=vb.data_ptr(),
-        sr=list(r.stride()),
-        su=list(u.stride()),
-        svb=list(vb.stride()),
+        sr=r.stride(),
+        su=u.stride(),
+        svb=vb.stride(),
         scale=float(scale),
         BM=XL_BLOCK_M,
         BN=XL_BLOCK_N,
+        **direction,
     )
-    return args
 
 
 def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None = None):
@@ -340,9 +367,8 @@ def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None = None):
     if out.numel() == 0:
         return out.to(q.dtype), lse
     ts = [t.detach().to(acc) for t in (q, k, v, r, u, vb)]
-    args = _xl_args(*ts, scale, window)
-    args.update(out=out.data_ptr(), lse=lse.data_ptr())
-    _ext().cpu_xl_forward(args)
+    args = _xl_args(*ts, scale, window, out=out.data_ptr(), lse=lse.data_ptr())
+    _ext().cpu_xl_forward(args, ISA or "")
     return out.to(q.dtype), lse
 
 
@@ -356,7 +382,8 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
             rowsum(dout * out) - dlse.
 
     Returns:
-        (dq, dk, dv, dr, du, dvb) shaped and typed like q, k, v, r, u, vb.
+        (dq, dk, dv, dr, du, dvb) shaped like q, k, v, r, u, vb, in the accumulation dtype
+        (fp32, fp64 for fp64).
     """
     _check_xl(q, k, v, r, u, vb, window)
     _check_backward(q, dout, lse, delta)
@@ -367,13 +394,11 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
         doc = dout.detach().to(acc)
         lse_c = lse.detach().to(dtype=acc).contiguous()
         delta_c = delta.detach().to(dtype=acc).contiguous()
-        args = _xl_args(*ts, scale, window)
-        args.update(
-            dout=doc.data_ptr(),
-            sdo=list(doc.stride()),
-            lse_in=lse_c.data_ptr(),
+        args = _xl_args(
+            *ts, scale, window,
+            dout=doc.data_ptr(), sdo=doc.stride(), lse_in=lse_c.data_ptr(),
             delta=delta_c.data_ptr(),
             **{n: g.data_ptr() for n, g in zip(("dq", "dk", "dv", "dr", "du", "dvb"), grads)},
-        )
-        _ext().cpu_xl_backward(args)
-    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v, r, u, vb)))
+        )  # fmt: skip
+        _ext().cpu_xl_backward(args, ISA or "")
+    return tuple(grads)

@@ -13,7 +13,10 @@ dtype, head dim, strides and 16-byte alignment (the kernels copy rows 16 bytes a
 limits. The host-side logic is made of pure functions (:func:`launch_geometry`,
 :func:`pack_layout`, :func:`sparse_params`, ...) that the tests exercise without a GPU; the
 tests also run the kernels themselves on the CPU through the emulator of ``csrc/cuda/emu``,
-which is why the launch helpers take the module to call (``effattn._C`` or the emulator).
+which is why the launch helpers take the module to call (``effattn._C`` or the emulator). Its
+parameter classes (``CudaSparseParams``, ``CudaXlParams``, ``CudaLaunch``) take keyword
+arguments only and refuse a missing required field or an unknown one (TypeError), so the
+keywords that :func:`sparse_params` and :func:`xl_params` return are checked at every launch.
 
 ``backend="auto"`` never picks this backend (see :mod:`effattn.functional`): it is chosen only
 by name until a GPU session has run tests/test_cuda.py green.
@@ -22,12 +25,13 @@ by name until a GPU session has run tests/test_cuda.py green.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 
 import torch
 
 from effattn import _extension
-from effattn.patterns import BlockLayout
+from effattn.patterns import BlockLayout, Term
 
 __all__ = [
     "BLOCK",
@@ -52,7 +56,7 @@ __all__ = [
 BLOCK = 64
 # Head dims the kernels are compiled for; smaller ones are zero-padded to the next.
 HEAD_DIMS = (64, 128)
-_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535
 
@@ -129,12 +133,13 @@ def xl_diagonals(n_q: int, n_k: int, window: int | None) -> tuple[int, int]:
 
 
 def fold_bands(parts: torch.Tensor, base: int, n_r: int) -> torch.Tensor:
-    """Sum per-diagonal band rows into per-distance rows of r: [B, H, n_diag, 128, ...] ->
-    [H, n_r, ...].
+    """Sum per-diagonal band rows into per-distance rows of r: [B, H, n_diag, 2 BLOCK, ...] ->
+    [H, n_r, ...], the trailing dims (D for dr, none for the band sums of dS) summed alike.
 
-    Band row t of diagonal p holds distance base + 64 p + t (bands of adjacent diagonals overlap
-    by 64 rows); negative distances are dropped (they hold masked zeros) and distances >= n_r - 1
-    all go to row n_r - 1 (clamp_len).
+    Band row t of diagonal p holds distance base + BLOCK p + t, so the bands of adjacent
+    diagonals share BLOCK distances; a tile spans 2 BLOCK - 1 of them, so row 2 BLOCK - 1 is
+    always zero. Rows at negative distances are dropped (they hold masked zeros); distances
+    >= n_r - 1 all go to row n_r - 1, as they all read r[n_r - 1] (clamp_len).
     """
     parts = parts.sum(0)
     h, n_diag = parts.shape[:2]
@@ -227,7 +232,7 @@ class PackedLayout:
     q_part_num: torch.Tensor
     q_part_idx: torch.Tensor
     q_part_tile: torch.Tensor | None
-    terms: torch.Tensor | None  # int32 [P, T, 9]
+    terms: torch.Tensor | None  # int32 [P, T, Term.NUM_FIELDS]
     tiles: torch.Tensor | None  # uint8 [U, 64, 64]
     num_classes: int
     num_q_blocks: int
@@ -300,8 +305,11 @@ def pack_layout(layout: BlockLayout, device: torch.device | str | None = None) -
         packed["q_part_tile"] = int32("q_part_tile", (p, nkb))
     else:
         terms = layout.terms
-        if terms.dim() != 3 or terms.shape[0] != p or terms.shape[2] != 9 or terms.shape[1] < 1:
-            raise ValueError(f"layout.terms must be [P={p}, T >= 1, 9], got {tuple(terms.shape)}")
+        width = Term.NUM_FIELDS
+        if terms.dim() != 3 or terms.shape[0] != p or terms.shape[2] != width or terms.shape[1] < 1:
+            raise ValueError(
+                f"layout.terms must be [P={p}, T >= 1, {width}], got {tuple(terms.shape)}"
+            )
         packed["terms"] = terms.to(device=device, dtype=torch.int32).contiguous()
     result = PackedLayout(
         **packed,
@@ -359,6 +367,12 @@ def prepare_rows(t: torch.Tensor, head_dim: int) -> torch.Tensor:
     return t if _rows_aligned(t) else t.clone()
 
 
+@functools.cache
+def _dtype_code(dtype: torch.dtype) -> int:
+    """The extension's code (csrc/constants.h) of fp16 or bf16."""
+    return _extension.require().DTYPE_CODES[str(dtype).removeprefix("torch.")]
+
+
 def sparse_params(
     *,
     q: torch.Tensor,
@@ -375,7 +389,8 @@ def sparse_params(
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
 ) -> dict:
-    """The fields of ``CudaSparseParams`` (csrc/cuda/params.h) for these tensors.
+    """The keyword arguments of ``CudaSparseParams`` (csrc/cuda/params.h) for these tensors;
+    the buffers a direction does not use are left out.
 
     Args:
         q: [B, H, n_q, Dp]; k, v: [B, Hkv, n_k, Dp] (fp16 / bf16, rows as prepare_rows leaves
@@ -388,11 +403,7 @@ def sparse_params(
     """
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
-    km, km_strides = key_mask_strides(key_mask, b, h, n_k)
     fields = dict(
-        q=q.data_ptr(),
-        k=k.data_ptr(),
-        v=v.data_ptr(),
         batch=b,
         heads=h,
         kv_heads=h_kv,
@@ -403,42 +414,37 @@ def sparse_params(
         num_classes=layout.num_classes,
         num_q_blocks=layout.num_q_blocks,
         num_k_blocks=layout.num_k_blocks,
-        dtype=_DTYPE_CODES[q.dtype],
+        dtype=_dtype_code(q.dtype),
         scale=float(scale),
         scale_log2=float(scale) * _LOG2E,
-        key_mask=0 if km is None else km.data_ptr(),
-        km_sb=km_strides[0],
-        km_sh=km_strides[1],
-        km_sn=km_strides[2],
-        use_tiles=int(layout.tiles is not None),
+        max_kv_full=layout.kv_full_idx.shape[-1],
+        max_kv_part=layout.kv_part_idx.shape[-1],
+        max_q_full=layout.q_full_idx.shape[-1],
+        max_q_part=layout.q_part_idx.shape[-1],
     )
+    km, km_strides = key_mask_strides(key_mask, b, h, n_k)
+    if km is not None:
+        fields.update(
+            key_mask=km.data_ptr(), km_sb=km_strides[0], km_sh=km_strides[1], km_sn=km_strides[2]
+        )
     for name, t in (("q", q), ("k", k), ("v", v), ("o", out), ("do", dout)):
         if t is not None:
             fields.update(
                 {f"{name}_sb": t.stride(0), f"{name}_sh": t.stride(1), f"{name}_sn": t.stride(2)}
             )
-    for name, t in (("out", out), ("dout", dout), ("lse", lse), ("delta", delta)):
-        if t is not None:
-            fields[name] = t.data_ptr()
-    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
-        if t is not None:
-            fields[name] = t.data_ptr()
+    buffers = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, delta=delta, dq=dq, dk=dk, dv=dv)
     for name in ("kv_full_num", "kv_full_idx", "kv_part_num", "kv_part_idx"):
-        fields[name] = getattr(layout, name).data_ptr()
+        buffers[name] = getattr(layout, name)
     for name in ("q_full_num", "q_full_idx", "q_part_num", "q_part_idx"):
-        fields[name] = getattr(layout, name).data_ptr()
-    fields["max_kv_full"] = layout.kv_full_idx.shape[-1]
-    fields["max_kv_part"] = layout.kv_part_idx.shape[-1]
-    fields["max_q_full"] = layout.q_full_idx.shape[-1]
-    fields["max_q_part"] = layout.q_part_idx.shape[-1]
+        buffers[name] = getattr(layout, name)
     if layout.tiles is not None:
-        fields.update(
-            tiles=layout.tiles.data_ptr(),
-            kv_part_tile=layout.kv_part_tile.data_ptr(),
-            q_part_tile=layout.q_part_tile.data_ptr(),
+        buffers.update(
+            tiles=layout.tiles, kv_part_tile=layout.kv_part_tile, q_part_tile=layout.q_part_tile
         )
     else:
-        fields.update(terms=layout.terms.data_ptr(), num_terms=layout.terms.shape[1])
+        buffers["terms"] = layout.terms
+        fields["num_terms"] = layout.terms.shape[1]
+    fields.update({name: t.data_ptr() for name, t in buffers.items() if t is not None})
     return fields
 
 
@@ -452,17 +458,19 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _launch(lib, name: str, fields: dict, geometry: Geometry, stream: int, tensors) -> None:
-    """Fill the parameter block and call ``lib.<name>(params, launch)``.
+    """Build the parameter block from ``fields`` and call ``lib.<name>(params, launch)``.
 
     ``lib`` is effattn._C, or the host emulator of the tests, which also wants the buffers the
     launch may touch (``emulator_ranges``) to bounds-check every access.
     """
-    params = lib.CudaXlParams() if name.startswith("cuda_xl") else lib.CudaSparseParams()
-    for key, value in fields.items():
-        setattr(params, key, value)
-    launch = lib.CudaLaunch()
-    launch.grid_x, launch.grid_y = geometry.grid_x, geometry.grid_y
-    launch.threads, launch.smem_bytes, launch.stream = geometry.threads, geometry.smem_bytes, stream
+    params = (lib.CudaXlParams if name.startswith("cuda_xl") else lib.CudaSparseParams)(**fields)
+    launch = lib.CudaLaunch(
+        grid_x=geometry.grid_x,
+        grid_y=geometry.grid_y,
+        threads=geometry.threads,
+        smem_bytes=geometry.smem_bytes,
+        stream=stream,
+    )
     if hasattr(lib, "emulator_ranges"):
         lib.emulator_ranges([_span(t) for t in tensors if t is not None])
     getattr(lib, name)(params, launch)
@@ -573,7 +581,7 @@ def xl_params(
     first_diag: int = 0,
     **tensors: torch.Tensor,
 ) -> dict:
-    """The fields of ``CudaXlParams`` (csrc/cuda/params.h).
+    """The keyword arguments of ``CudaXlParams`` (csrc/cuda/params.h).
 
     Args:
         q: [B, H, L, Dp]; k: [B, Hkv, N, Dp]; r: [H, R, Dp]; all contiguous (contiguous_rows).
@@ -597,7 +605,7 @@ def xl_params(
         head_dim=d,
         window=n_k if window is None else min(int(window), n_k),
         first_diag=first_diag,
-        dtype=_DTYPE_CODES[q.dtype],
+        dtype=_dtype_code(q.dtype),
         scale=float(scale),
         scale_log2=float(scale) * _LOG2E,
     )
@@ -630,7 +638,7 @@ def run_xl_backward(lib, stream: int, q, k, v, r, u, vb, out, dout, lse, delta, 
     h_kv, n_k = k.shape[1], k.shape[2]
     n_r = r.shape[1]
     if q.numel() == 0:
-        return tuple(torch.zeros_like(t) for t in (q, k, v, r, u, vb))
+        return tuple(torch.zeros(t.shape, device=t.device) for t in (q, k, v, r, u, vb))
     dp = padded_head_dim(d)
     _check_like_q(q, k=k, v=v, r=r, u=u, vb=vb, dout=dout)
     qp, kp, vp, rp, up, vbp, dop = (contiguous_rows(t, dp) for t in (q, k, v, r, u, vb, dout))
@@ -663,7 +671,7 @@ def run_xl_backward(lib, stream: int, q, k, v, r, u, vb, out, dout, lse, delta, 
     group = h // h_kv
     du = torch.einsum("bkgn,bknd->kgd", colsum.view(b, h_kv, group, n_k), kp.float())
     grads = (dq, dk, dv, dr, du.reshape(h, dp), dvb)
-    return tuple(g[..., :d].to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, r, u, vb)))
+    return tuple(g if dp == d else g[..., :d].contiguous() for g in grads)
 
 
 # --------------------------------------------------------------------------- backend contract
@@ -680,7 +688,7 @@ def _lib():
 
 
 def _check_tensor(q: torch.Tensor) -> None:
-    if q.dtype not in _DTYPE_CODES:
+    if q.dtype not in _DTYPES:
         raise TypeError(
             f"the cuda backend takes fp16 or bf16 tensors, got {q.dtype}; use backend='triton' "
             "for fp32"
@@ -798,7 +806,7 @@ def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None):
 
 
 def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, window: int | None):
-    """Gradients (dq, dk, dv, dr, du, dvb), shaped and typed like q, k, v, r, u, vb.
+    """Gradients (dq, dk, dv, dr, du, dvb), shaped like q, k, v, r, u, vb, fp32.
 
     dout [B, H, L, D]; lse [B, H, L] from the forward; delta = rowsum(dout * out) - dlse. dr is
     reduced over the block diagonals deterministically (no atomics), du and dvb from the kernels'

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from effattn.patterns import GROUP_EQ, GROUP_LT, BlockLayout
+from effattn.patterns import BlockLayout, Term
 
 __all__ = ["BLOCK", "check", "plan_blocks", "sparse_backward", "sparse_forward", "terms_allowed"]
 
@@ -19,20 +19,11 @@ BLOCK = 64
 
 
 def terms_allowed(terms: torch.Tensor, p: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """OR of the packed terms [T, 9] (see :class:`effattn.patterns.Term`) at positions (p, j)."""
+    """OR of the packed terms [T, Term.NUM_FIELDS] at positions (p, j): each row unpacked into
+    the :class:`effattn.patterns.Term` it was packed from, which evaluates itself."""
     out = torch.zeros(torch.broadcast_shapes(p.shape, j.shape), dtype=torch.bool, device=p.device)
-    d = p - j
-    for lo, hi, mod, gq, gk, grel, smod, smin, smax in terms.tolist():
-        ok = (d >= lo) & (d <= hi)
-        if mod > 0:
-            ok &= d.remainder(mod) == 0
-        if gq > 0:
-            qg, kg = p // gq, j // gk
-            ok &= (kg == qg) if grel == GROUP_EQ else (kg < qg) if grel == GROUP_LT else (kg != qg)
-        if smod > 0:
-            rem = j.remainder(smod)
-            ok &= (rem >= smin) & (rem <= smax)
-        out |= ok
+    for row in terms.tolist():
+        out |= Term(*row).allowed(p, j)
     return out
 
 

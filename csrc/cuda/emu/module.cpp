@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "bind.h"
 #include "cuda/bind_params.h"
 #include "cuda/launch.h"
 #include "cuda/sparse_bwd.cuh"
@@ -54,6 +55,7 @@ EFFATTN_EMULATED(xl_backward_dr, XlBackwardDr, XlParams)
 
 PYBIND11_MODULE(effattn_cuda_emu, m) {
   m.doc() = "effattn's CUDA kernels run on the host by an emulator (tests only)";
+  effattn::bind::export_constants(m);
   effattn::cuda::bind_params(m);
   effattn::cuda::bind_launchers(m);
   m.def(
