@@ -1,12 +1,21 @@
-"""The build: the compiled extension loads and reports itself; Triton AOT compiles for sm_80/90."""
+"""The build: the compiled extension loads and reports itself; Triton AOT compiles for sm_80/90.
+
+The AOT tooling is development code in bench/ (aot.py, triton_configs.py), imported from there.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 
 from effattn import _extension
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import aot  # noqa: E402
 
 
 def test_extension_imports():
@@ -94,8 +103,7 @@ DOT_SIG = {"A": "*fp16", "B": "*fp16", "C": "*fp16", "M": "i32", "stride_am": "i
 @pytest.fixture(scope="module")
 def compiled():
     """Every AOT build of this module in one batch (one child process under TRITON_INTERPRET)."""
-    from effattn._aot import KernelConfig, aot_compile_configs
-
+    KernelConfig = aot.KernelConfig
     configs = [
         # SCALE is left out: it takes its default, as with the JIT
         KernelConfig("softmax", _tiny_row_softmax, SOFTMAX_SIG, {"BLOCK": 1024}, 4, 1),
@@ -103,7 +111,7 @@ def compiled():
         # a plain tuple works too; BK=8 is below tl.dot's minimum of 16: a compile error
         ("dot-bad", _tiny_dot, DOT_SIG, {"BM": 64, "BN": 64, "BK": 8}, 4, 2, None, (80,)),
     ]
-    rows = aot_compile_configs(configs, archs=(80, 90))
+    rows = aot.aot_compile_configs(configs, archs=(80, 90))
     return {(r["kernel"], r["arch"]): r for r in rows}
 
 
@@ -138,10 +146,8 @@ def test_aot_compile_error_is_reported(compiled):
 
 @needs_triton
 def test_aot_compile_single(compiled):
-    from effattn._aot import aot_compile, check
-
-    info = aot_compile(_tiny_dot, DOT_SIG, {"BM": 64, "BN": 64, "BK": 32}, 90, 4, 2)
-    assert check(info) == []
+    info = aot.aot_compile(_tiny_dot, DOT_SIG, {"BM": 64, "BN": 64, "BK": 32}, 90, 4, 2)
+    assert aot.check(info) == []
     # Same numbers as the batch (served from Triton's cache and effattn's ptxas record).
     batch = compiled[("dot64", 90)]
     assert {k: batch[k] for k in info} == info
@@ -149,12 +155,12 @@ def test_aot_compile_single(compiled):
 
 @needs_triton
 def test_aot_compile_rejects_incomplete_signature():
-    from effattn._aot import aot_compile
-
     with pytest.raises(ValueError, match="stride_x"):
-        aot_compile(_tiny_row_softmax, {"X": "*fp32", "Y": "*fp32", "n_cols": "i32"}, {"BLOCK": 64})
+        aot.aot_compile(
+            _tiny_row_softmax, {"X": "*fp32", "Y": "*fp32", "n_cols": "i32"}, {"BLOCK": 64}
+        )
     with pytest.raises(ValueError, match="nope"):
-        aot_compile(
+        aot.aot_compile(
             _tiny_row_softmax,
             {"X": "*fp32", "Y": "*fp32", "n_cols": "i32", "stride_x": "i32", "nope": "i32"},
             {"BLOCK": 64},
@@ -162,8 +168,6 @@ def test_aot_compile_rejects_incomplete_signature():
 
 
 def test_parse_ptxas_log():
-    from effattn._aot import check, parse_ptxas_log
-
     log = """\
 ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_80'
@@ -175,11 +179,65 @@ ptxas-blackwell info    : Function properties for k
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas-blackwell info    : Used 40 registers, used 0 barriers
 """
-    recs = parse_ptxas_log(log)
+    recs = aot.parse_ptxas_log(log)
     foo = recs[("_Z3fooPf", "sm_80")]
     assert foo["regs"] == 255 and foo["static_smem"] == 2048 and foo["spills"] == 8
     k = recs[("k", "sm_90a")]
     assert k["regs"] == 40 and k["spills"] == 0 and k["static_smem"] == 0
     info = {**foo, "smem": 2048, "smem_limit": 1024, "threads": 512}
-    problems = check(info)
+    problems = aot.check(info)
     assert len(problems) == 3  # spills, shared memory, 255 regs x 512 threads
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped Triton configurations (bench/triton_configs.py)
+# --------------------------------------------------------------------------------------------
+
+
+@needs_triton
+def test_every_triton_module_has_configs():
+    import pkgutil
+
+    import triton_configs
+
+    import effattn.ops
+
+    modules = {
+        f"effattn.ops.{m.name}"
+        for m in pkgutil.iter_modules(effattn.ops.__path__)
+        if m.name.startswith("triton")
+    }
+    assert modules == set(triton_configs.CONFIGS)
+
+
+@needs_triton
+def test_sparse_configs_cover_every_kernel_and_parameter():
+    import triton_configs
+
+    configs = list(triton_configs.sparse_configs())
+    names = {c.name for c in configs}
+    assert len(names) == len(configs)
+    for kernel in ("fwd", "dq", "dkdv"):
+        for d in (16, 32, 64, 128, 256):
+            for dtype in ("fp16", "bf16", "fp32"):
+                assert any(n.startswith(f"sparse_{kernel}[D={d},{dtype},") for n in names)
+    for c in configs:
+        sig, cst = aot._full_signature(c.fn, c.signature, c.constexprs)
+        assert set(sig) == set(c.fn.arg_names)
+        assert c.archs is not None and len(c.archs) == 1
+
+
+@needs_triton
+def test_xl_configs_cover_every_kernel_and_parameter():
+    import triton_configs
+
+    configs = list(triton_configs.xl_configs())
+    names = {c.name for c in configs}
+    assert len(names) == len(configs)
+    for kernel in ("fwd", "bwd_dkdv", "bwd_dq", "bwd_dr"):
+        for d in (16, 32, 64, 128, 256):
+            for dtype in ("fp16", "bf16") + (("fp32",) if d <= 64 else ()):
+                assert f"xl_{kernel}[D<={d},{dtype}]" in names
+    for c in configs:
+        sig, cst = aot._full_signature(c.fn, c.signature, c.constexprs)
+        assert set(sig) == set(c.fn.arg_names)

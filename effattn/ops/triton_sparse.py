@@ -34,13 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from effattn._aot import KernelConfig
 from effattn.patterns import BlockLayout
 
 __all__ = [
     "BLOCKS_OVERRIDE",
     "check",
-    "compile_configs",
     "plan_blocks",
     "sparse_backward",
     "sparse_forward",
@@ -722,7 +720,7 @@ def _table(rows: str) -> dict[tuple[str, bool, int], dict[int, _Config]]:
 # The shipped configs per kernel, operand width and BLOCK_D, on sm_80 (used below sm_90 too)
 # and sm_90: the largest tiles and most pipeline stages that compile without register spills
 # with Triton 3.6 and 3.9 and, on sm_80, within the 99 KiB of shared memory that sm_86 / sm_89
-# also have (bench/compile_report.py checks them all, from compile_configs below; untimed: no
+# also have (bench/compile_report.py checks them all, from bench/triton_configs.py; untimed: no
 # GPU was at hand when they were chosen). The forward's 64-row
 # query blocks keep the work efficiency of strided(128) and fixed(128, c) above 50% at n >= 4096
 # (128-row blocks drop strided(128) to 37%: its column part is causal inside chunks of n / 128
@@ -1035,91 +1033,3 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
     if q.dtype == torch.float64:
         dq = dq * scale
     return dq, dk, dv
-
-
-# --------------------------------------------------------------------------- AOT configs
-_POINTER_TYPES = {
-    "Lse": "*acc",
-    "Delta": "*acc",
-    "DQ": "*acc",
-    "DK": "*acc",
-    "DV": "*acc",
-    "KeyMask": "*u8",
-    "Tiles": "*u8",
-    "FullNum": "*i32",
-    "FullIdx": "*i32",
-    "PartNum": "*i32",
-    "PartIdx": "*i32",
-    "PartTile": "*i32",
-    "Terms": "*i32",
-}
-_IO_POINTERS = ("Q", "K", "V", "Out", "DO")
-
-
-def _signature(kernel, dtype: str) -> dict[str, str]:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in _IO_POINTERS:
-            sig[name] = f"*{dtype}"
-        elif name in _POINTER_TYPES:
-            sig[name] = _POINTER_TYPES[name].replace("acc", "fp32")
-        elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
-        elif name.isupper() or name.startswith(("BLOCK_", "NUM_", "USE_", "HAS_", "IS_")):
-            continue
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def _divisible_by_16(kernel) -> tuple[str, ...]:
-    sig = _signature(kernel, "fp16")
-    return tuple(n for n, t in sig.items() if t.startswith("*") or n.startswith("stride_"))
-
-
-def compile_configs():
-    """Every kernel configuration the launchers can pick, for bench/compile_report.py.
-
-    Per kernel, dtype and BLOCK_D: the heaviest term predicate (two terms with every constraint
-    kind, plus a key mask) and, for fp16, the stored-tile predicate of custom patterns; other
-    predicates only drop code from these. HEAD_DIM is BLOCK_D: smaller head dims of a bucket
-    add masks to the loads of the same tiles.
-    """
-    kernels = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
-    terms = {"NUM_TERMS": 2, "USE_MOD": True, "USE_GROUP": True, "USE_COLS": True}
-    tiles = {"NUM_TERMS": 1, "USE_MOD": False, "USE_GROUP": False, "USE_COLS": False}
-    for (kname, wide, block_d), per_arch in _CONFIGS.items():
-        kernel = kernels[kname]
-        for dtype in ("fp32",) if wide else ("fp16", "bf16"):
-            variants = [("terms", {**terms, "USE_TILES": False})]
-            if dtype == "fp16":
-                variants.append(("tiles", {**tiles, "USE_TILES": True}))
-            for vname, flags in variants:
-                for arch, cfg in per_arch.items():
-                    yield KernelConfig(
-                        name=f"sparse_{kname}[D={block_d},{dtype},{vname},{cfg.block_m}x"
-                        f"{cfg.block_n},w{cfg.num_warps}s{cfg.num_stages},sm{arch}]",
-                        fn=kernel,
-                        signature=_signature(kernel, dtype),
-                        constexprs={
-                            **flags,
-                            "HAS_KEY_MASK": True,
-                            "IS_FP64": False,
-                            "EXP2": not wide,
-                            "DOT_DTYPE": _TL_DTYPES[_TORCH_DTYPES[dtype]],
-                            "DOT_PRECISION": "ieee" if wide else "tf32",
-                            "RNE_BF16": False,
-                            "BLOCK_M": cfg.block_m,
-                            "BLOCK_N": cfg.block_n,
-                            "BLOCK_D": block_d,
-                            "HEAD_DIM": block_d,
-                        },
-                        num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages,
-                        # torch allocations, and strides of [..., D] rows with D % 16 == 0.
-                        divisible_by_16=_divisible_by_16(kernel),
-                        archs=(arch,),
-                    )

@@ -50,14 +50,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from effattn._aot import KernelConfig
-
-__all__ = ["block_config", "xl_check", "compile_configs", "xl_backward", "xl_forward"]
+__all__ = ["block_config", "xl_check", "xl_backward", "xl_forward"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 # Sizes compile once for all values; only D is specialized, and it is always a multiple of 16
-# (_padded), so the variants that run are exactly those compile_configs() lists.
+# (_padded), so the variants that run are exactly those bench/triton_configs.py lists.
 _NO_SPECIALIZE = ["L", "N", "R_LEN", "WINDOW", "H", "GROUP"]
 
 
@@ -552,40 +550,3 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
     dr = _fold_bands(dr_part.view(b, h, n_diag, 2 * block, d), mem - block + 1 + e_lo * block, n_r)
     grads = (dq, dk, dv, dr.to(r.dtype), du.to(u.dtype), dvb.to(vb.dtype))
     return tuple(_unpadded(g, d_in) for g in grads)
-
-
-# --------------------------------------------------------------------------- AOT configs
-_KERNELS = {
-    "fwd": (_xl_fwd_kernel, ("Out", "Lse")),
-    "bwd_dkdv": (_xl_bwd_dkdv_kernel, ("DO", "Lse", "Delta", "DK", "DV")),
-    "bwd_dq": (_xl_bwd_dq_kernel, ("DO", "Lse", "Delta", "DQ", "DU_part", "DVB_part")),
-    "bwd_dr": (_xl_bwd_dr_kernel, ("DO", "Lse", "Delta", "DR_part")),
-}
-_FP32_PTRS = {"Scale", "Lse", "Delta", "DU_part", "DVB_part", "DR_part"}
-_INTS = ("L", "N", "R_LEN", "WINDOW", "H", "GROUP", "D", "DIAG0")
-
-
-def compile_configs():
-    """Every (kernel, dtype, head-dim bucket) the GPU dispatcher launches, for
-    bench/compile_report.py. Head dims are padded to a multiple of 16 in memory (so D % 16 == 0
-    is the only specialization that runs) and to the next power of two in registers
-    (BLOCK_D): 41 runs as 48 in the bucket 64, 80 and 96 in the bucket 128."""
-    for block_d in (16, 32, 64, 128, 256):
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            if dtype == torch.float32 and block_d > FP32_MAX_HEAD_DIM:
-                continue
-            ty = _TL_DTYPES[dtype]
-            for label, (fn, outs) in _KERNELS.items():
-                block, warps, stages = block_config(block_d, dtype, kernel=label)
-                ptrs = ("Q", "K", "V", "R", "U", "VB", "Scale", *outs)
-                sig = {n: "*fp32" if n in _FP32_PTRS else f"*{ty}" for n in ptrs}
-                sig.update({n: "i32" for n in _INTS if n in fn.arg_names})
-                yield KernelConfig(
-                    name=f"xl_{label}[D<={block_d},{ty}]",
-                    fn=fn,
-                    signature=sig,
-                    constexprs={"BLOCK": block, "BLOCK_D": block_d, "ACC": tl.float32},
-                    num_warps=warps,
-                    num_stages=stages,
-                    divisible_by_16=(*ptrs, "D"),
-                )

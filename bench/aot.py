@@ -1,9 +1,11 @@
 """Ahead-of-time (AOT) compilation of Triton kernels for a GPU architecture, without a GPU.
 
-Used by ``bench/compile_report.py`` and by tests to check every shipped kernel configuration for
-register spills and shared memory on sm_80 (A100) and sm_90 (H100) on machines with no GPU.
+Development tooling, not part of the installed package: ``bench/compile_report.py`` and the
+tests use it to check every shipped kernel configuration (listed in ``bench/triton_configs.py``)
+for register spills and shared memory on sm_80 (A100) and sm_90 (H100) on machines with no GPU.
+Scripts in bench/ import it as ``aot`` (bench/ is their ``sys.path[0]``; tests add it).
 
-    from effattn._aot import aot_compile
+    from aot import aot_compile
     info = aot_compile(kernel, {"X": "*fp16", "N": "i32"}, {"BLOCK": 128}, arch=80,
                        num_warps=4, num_stages=3)
     info["regs"], info["spills"], info["smem"]
@@ -17,7 +19,7 @@ otherwise.
 
 Under ``TRITON_INTERPRET=1`` (tests/conftest.py sets it without a GPU) Triton's own library
 functions are interpreter objects and nothing can be compiled in that process; the compilation
-then runs in a child ``python -m effattn._aot`` without the variable, which re-imports the
+then runs in a child ``python bench/aot.py`` without the variable, which re-imports the
 kernel as ``module.qualname`` (so kernels must be defined at module level).  Batch calls with
 ``aot_compile_configs`` (one child for the batch); each child costs an import of torch/triton.
 
@@ -427,7 +429,7 @@ def _compile_local(kernel, signature, constexprs, attrs, arch, options) -> dict[
 
 
 # --------------------------------------------------------------------------------------------
-# Child process for TRITON_INTERPRET=1 sessions: `python -m effattn._aot IN.pkl OUT.pkl`
+# Child process for TRITON_INTERPRET=1 sessions: `python bench/aot.py IN.pkl OUT.pkl`
 # --------------------------------------------------------------------------------------------
 
 
@@ -450,7 +452,7 @@ def _compile_in_subprocess(calls: list[dict]) -> list[tuple[str, Any]]:
         inp, out = Path(d, "in.pkl"), Path(d, "out.pkl")
         inp.write_bytes(pickle.dumps(wire))
         res = subprocess.run(
-            [sys.executable, "-m", "effattn._aot", str(inp), str(out)],
+            [sys.executable, __file__, str(inp), str(out)],
             env=env,
             capture_output=True,
             text=True,
