@@ -21,44 +21,59 @@ __all__ = ["CONFIGS", "sparse_configs", "xl_configs"]
 
 
 # --------------------------------------------------------------------------- sparse
-_POINTER_TYPES = {
+_SPARSE_POINTERS = {
+    "KeyMask": "*u8",
     "Lse": "*fp32",
     "Delta": "*fp32",
     "DQ": "*fp32",
     "DK": "*fp32",
     "DV": "*fp32",
-    "KeyMask": "*u8",
-    "Tiles": "*u8",
-    "FullNum": "*i32",
-    "FullIdx": "*i32",
-    "PartNum": "*i32",
-    "PartIdx": "*i32",
-    "PartTile": "*i32",
-    "Terms": "*i32",
 }
-_IO_POINTERS = ("Q", "K", "V", "Out", "DO")
+_SPARSE_IO = ("Q", "K", "V", "Out", "DO")  # in the input dtype
+_SPARSE_LAYOUT = triton_sparse._Blocks(
+    full_num="*i32",
+    full_idx="*i32",
+    part_num="*i32",
+    part_idx="*i32",
+    part_tile="*i32",
+    terms="*i32",
+    tiles="*u8",
+    num_rows="i32",
+    max_full="i32",
+    max_part="i32",
+    num_classes="i32",
+    q_offset="i32",
+)
 _TL_DTYPES = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
 
 
-def _sparse_signature(kernel, dtype: str) -> dict[str, str]:
+def _sparse_signature(kernel, dtype: str, constexprs) -> dict:
+    """The types of the kernel's run-time parameters, by name, for inputs of ``dtype``."""
     sig = {}
     for name in kernel.arg_names:
-        if name in _IO_POINTERS:
-            sig[name] = f"*{dtype}"
-        elif name in _POINTER_TYPES:
-            sig[name] = _POINTER_TYPES[name]
-        elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
-        elif name.isupper() or name.startswith(("BLOCK_", "NUM_", "USE_", "HAS_", "IS_")):
+        if name in constexprs:
             continue
+        if name in _SPARSE_IO:
+            sig[name] = f"*{dtype}"
+        elif name in _SPARSE_POINTERS:
+            sig[name] = _SPARSE_POINTERS[name]
+        elif name.startswith("stride_"):
+            sig[name] = triton_sparse._Strides("i32", "i32", "i32")
+        elif name == "layout":
+            sig[name] = _SPARSE_LAYOUT
+        elif name.endswith("_scale"):
+            sig[name] = "fp32"
         else:
             sig[name] = "i32"
     return sig
 
 
-def _divisible_by_16(kernel) -> tuple[str, ...]:
-    sig = _sparse_signature(kernel, "fp16")
-    return tuple(n for n, t in sig.items() if t.startswith("*") or n.startswith("stride_"))
+def _sparse_divisible_by_16(sig) -> tuple[str, ...]:
+    """Torch allocations, and strides of [..., D] rows with D % 16 == 0."""
+    pointers = [n for n, t in sig.items() if isinstance(t, str) and t.startswith("*")]
+    strides = [n for n in sig if n.startswith("stride_")]
+    layout = [f"layout.{f}" for f, t in _SPARSE_LAYOUT._asdict().items() if t.startswith("*")]
+    return (*pointers, *strides, *layout)
 
 
 def sparse_configs():
@@ -78,28 +93,29 @@ def sparse_configs():
                 variants.append(("tiles", {**tiles, "USE_TILES": True}))
             for vname, flags in variants:
                 for arch, cfg in per_arch.items():
+                    constexprs = {
+                        **flags,
+                        "HAS_KEY_MASK": True,
+                        "ACC_DTYPE": tl.float32,
+                        "EXP2": not wide,
+                        "DOT_DTYPE": _TL_DTYPES[dtype],
+                        "DOT_PRECISION": "ieee" if wide else "tf32",
+                        "RNE_BF16": False,
+                        "BLOCK_M": cfg.block_m,
+                        "BLOCK_N": cfg.block_n,
+                        "BLOCK_D": block_d,
+                        "HEAD_DIM": block_d,
+                    }
+                    sig = _sparse_signature(kernel, dtype, constexprs)
                     yield KernelConfig(
                         name=f"sparse_{kname}[D={block_d},{dtype},{vname},{cfg.block_m}x"
                         f"{cfg.block_n},w{cfg.num_warps}s{cfg.num_stages},sm{arch}]",
                         fn=kernel,
-                        signature=_sparse_signature(kernel, dtype),
-                        constexprs={
-                            **flags,
-                            "HAS_KEY_MASK": True,
-                            "IS_FP64": False,
-                            "EXP2": not wide,
-                            "DOT_DTYPE": _TL_DTYPES[dtype],
-                            "DOT_PRECISION": "ieee" if wide else "tf32",
-                            "RNE_BF16": False,
-                            "BLOCK_M": cfg.block_m,
-                            "BLOCK_N": cfg.block_n,
-                            "BLOCK_D": block_d,
-                            "HEAD_DIM": block_d,
-                        },
+                        signature=sig,
+                        constexprs=constexprs,
                         num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages,
-                        # torch allocations, and strides of [..., D] rows with D % 16 == 0.
-                        divisible_by_16=_divisible_by_16(kernel),
+                        divisible_by_16=_sparse_divisible_by_16(sig),
                         archs=(arch,),
                     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -64,6 +65,14 @@ def test_num_threads():
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
+
+class _Gather(NamedTuple):
+    """A NamedTuple kernel argument (the kernels group strides and layout tables so)."""
+
+    start: int
+    stride: int
+
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -93,11 +102,18 @@ if HAS_TRITON:
         c = tl.dot(a, b)
         tl.store(C + rm[:, None] * BN + rn[None, :], c.to(tl.float16), mask=rm[:, None] < M)
 
+    @triton.jit
+    def _tiny_gather(X, Y, gather, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(X + gather.start + offs * gather.stride, mask=offs < n)
+        tl.store(Y + offs, x, mask=offs < n)
+
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 SOFTMAX_SIG = {"X": "*fp16", "Y": "*fp16", "n_cols": "i32", "stride_x": "i32"}
 DOT_SIG = {"A": "*fp16", "B": "*fp16", "C": "*fp16", "M": "i32", "stride_am": "i32"}
+GATHER_SIG = {"X": "*fp16", "Y": "*fp16", "gather": _Gather("i32", "i32"), "n": "i32"}
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +126,9 @@ def compiled():
         KernelConfig("dot64", _tiny_dot, DOT_SIG, {"BM": 64, "BN": 64, "BK": 32}, 4, 2),
         # a plain tuple works too; BK=8 is below tl.dot's minimum of 16: a compile error
         ("dot-bad", _tiny_dot, DOT_SIG, {"BM": 64, "BN": 64, "BK": 8}, 4, 2, None, (80,)),
+        KernelConfig(
+            "gather", _tiny_gather, GATHER_SIG, {"BLOCK": 128}, 4, 1, ("X", "Y", "gather.stride")
+        ),
     ]
     rows = aot.aot_compile_configs(configs, archs=(80, 90))
     return {(r["kernel"], r["arch"]): r for r in rows}
@@ -165,6 +184,21 @@ def test_aot_compile_rejects_incomplete_signature():
             {"X": "*fp32", "Y": "*fp32", "n_cols": "i32", "stride_x": "i32", "nope": "i32"},
             {"BLOCK": 64},
         )
+
+
+@needs_triton
+def test_aot_namedtuple_parameter(compiled):
+    assert compiled[("gather", 80)]["problems"] == []
+    assert compiled[("gather", 90)]["problems"] == []
+    sig, _ = aot._full_signature(_tiny_gather, GATHER_SIG, {"BLOCK": 128})
+    names = list(_tiny_gather.arg_names)
+    # Element j of tuple parameter i is (i, j), as the JIT keys its specializations.
+    div = {(0,), (1,), (2, 1)}
+    assert set(aot._divisibility_attrs(names, sig, ("X", "Y", "gather.stride"))) == div
+    assert set(aot._divisibility_attrs(names, sig, ("gather",))) == {(2, 0), (2, 1)}
+    assert set(aot._divisibility_attrs(names, sig, None)) == {(0,), (1,)}
+    with pytest.raises(ValueError, match="no field 'step'"):
+        aot._divisibility_attrs(names, sig, ("gather.step",))
 
 
 def test_parse_ptxas_log():
