@@ -11,27 +11,14 @@ more registers than an SM has for one block, or fails to compile.
 
 Triton kernels
 --------------
-Every module ``effattn.ops.triton_*`` MUST, and any other ``effattn.ops.*`` module (or a module
-named in ``EXTRA_CONFIG_MODULES`` below) MAY, define::
-
-    def compile_configs() -> Iterable[effattn._aot.KernelConfig]:
-        for D in (16, 41, 64, 128, 256):            # every config the module can launch
-            for dtype in ("fp16", "bf16", "fp32"):
-                yield KernelConfig(
-                    name=f"sparse_fwd[D={D},{dtype}]",  # label in the report
-                    fn=_sparse_fwd_kernel,              # the @triton.jit function
-                    signature={"Q": f"*{dtype}", ..., "stride_qm": "i32", ...},
-                    constexprs={"BLOCK_M": 128, "BLOCK_D": triton.next_power_of_2(D), ...},
-                    num_warps=4, num_stages=2,
-                    # divisible_by_16=None  -> every pointer 16-divisible (default)
-                    # archs=None            -> both 80 and 90
-                )
-
-i.e. one entry per (kernel, constexpr specialisation, num_warps, num_stages) the dispatcher can
-pick: the report is only as complete as these lists.  Signature strings are Triton's
-(``"*fp16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``, ...); see ``effattn/_aot.py`` for the exact
-format, which Triton 3.6 and 3.9 share.  Configs are collected into ``TRITON_CONFIGS`` and compiled
-with ``effattn._aot.aot_compile`` (``triton.compile`` with a ``GPUTarget``, ptxas' own -v log).
+``bench/triton_configs.py`` lists, per kernel module, every configuration its launchers can
+pick (``CONFIGS``: module name -> generator of ``aot.KernelConfig``), i.e. one entry per
+(kernel, constexpr specialisation, num_warps, num_stages): the report is only as complete as
+these lists, and every module ``effattn.ops.triton_*`` must have an entry.  Signature strings
+are Triton's (``"*fp16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``, ...); see ``bench/aot.py``
+for the exact format, which Triton 3.6 and 3.9 share.  Configs are collected into
+``TRITON_CONFIGS`` and compiled with ``aot.aot_compile`` (``triton.compile`` with a
+``GPUTarget``, ptxas' own -v log).
 
 CUDA C++ kernels
 ----------------
@@ -65,12 +52,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from effattn import _aot  # noqa: E402
+import aot  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
-EXTRA_CONFIG_MODULES: list[str] = []
-"""Modules outside effattn.ops that contribute ``compile_configs()``."""
-
-TRITON_CONFIGS: list[tuple[str, _aot.KernelConfig]] = []
+TRITON_CONFIGS: list[tuple[str, aot.KernelConfig]] = []
 """(module, config) pairs, filled by ``collect_triton_configs()``."""
 
 NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DEFFATTN_WITH_CUDA"]
@@ -83,33 +67,24 @@ DYN_SMEM_RE = re.compile(r"//\s*effattn:dynamic-smem\s+(\S+)\s+([0-9*+ ()]+?)\s*
 
 
 def collect_triton_configs() -> list[str]:
-    """Fill TRITON_CONFIGS; return error messages (a broken or silent kernel module)."""
-    errors: list[str] = []
-    names = list(EXTRA_CONFIG_MODULES)
+    """Fill TRITON_CONFIGS; return error messages (a broken or unlisted kernel module)."""
     try:
+        import triton_configs
+
         ops = importlib.import_module("effattn.ops")
-    except ModuleNotFoundError as e:
-        if e.name not in ("effattn.ops",):
-            return [f"importing effattn.ops: {e}"]
-        ops = None
-    if ops is not None:
-        names += [f"effattn.ops.{m.name}" for m in pkgutil.iter_modules(ops.__path__)]
+    except Exception as e:  # report it as a collection error, like a broken module
+        return [f"importing the kernel configs: {type(e).__name__}: {e}"]
+    errors = [
+        f"effattn.ops.{m.name} has no entry in bench/triton_configs.py CONFIGS"
+        for m in pkgutil.iter_modules(ops.__path__)
+        if m.name.startswith("triton") and f"effattn.ops.{m.name}" not in triton_configs.CONFIGS
+    ]
     TRITON_CONFIGS.clear()
-    for name in sorted(set(names)):
+    for name, gen in sorted(triton_configs.CONFIGS.items()):
         try:
-            mod = importlib.import_module(name)
-        except Exception as e:  # report every failure, fail at the end
-            errors.append(f"importing {name}: {type(e).__name__}: {e}")
-            continue
-        gen = getattr(mod, "compile_configs", None)
-        if gen is None:
-            if name.rsplit(".", 1)[-1].startswith("triton"):
-                errors.append(f"{name} defines no compile_configs()")
-            continue
-        try:
-            TRITON_CONFIGS.extend((name, _aot.KernelConfig(*c)) for c in gen())
+            TRITON_CONFIGS.extend((name, aot.KernelConfig(*c)) for c in gen())
         except Exception as e:
-            errors.append(f"{name}.compile_configs(): {type(e).__name__}: {e}")
+            errors.append(f"{name} configs: {type(e).__name__}: {e}")
     return errors
 
 
@@ -119,7 +94,7 @@ def _triton_share(archs, pattern, share: int, shares: int) -> list[dict]:
         collect_triton_configs()
     selected = [(m, c) for m, c in TRITON_CONFIGS if not pattern or pattern in c.name]
     mine = selected[share::shares]
-    rows = _aot.aot_compile_configs([c for _, c in mine], archs)
+    rows = aot.aot_compile_configs([c for _, c in mine], archs)
     module_of = {c.name: m for m, c in mine}
     for row in rows:
         row.update(kind="triton", module=module_of.get(row["kernel"], "?"))
@@ -205,7 +180,7 @@ def cuda_rows(nvcc: str, archs, pattern) -> list[dict]:
                 }
             )
             continue
-        records = _aot.parse_ptxas_log(log)
+        records = aot.parse_ptxas_log(log)
         pretty = _demangle(sorted({name for name, _ in records}))
         for (name, sm), rec in sorted(records.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             arch = int(re.sub(r"\D", "", sm) or 0)
@@ -229,9 +204,9 @@ def cuda_rows(nvcc: str, archs, pattern) -> list[dict]:
                 "smem": static + dynamic,
                 "smem_static": static,
                 "smem_dynamic": dynamic,
-                "smem_limit": _aot.SMEM_LIMIT.get(arch, 48 * 1024),
+                "smem_limit": aot.SMEM_LIMIT.get(arch, 48 * 1024),
             }
-            info["problems"] = _aot.check(info)
+            info["problems"] = aot.check(info)
             if static > 48 * 1024:
                 info["problems"].append(f"static shared memory {static} B > 48 KiB")
             rows.append(info)
@@ -265,7 +240,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", type=int, nargs="+", default=list(_aot.ARCHS))
+    ap.add_argument("--arch", type=int, nargs="+", default=list(aot.ARCHS))
     ap.add_argument("--filter", default="", help="only kernels whose name contains this")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     ap.add_argument("--no-triton", action="store_true")

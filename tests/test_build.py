@@ -1,5 +1,8 @@
 """The build: the compiled extension loads and reports itself; an install without a compiler
-still succeeds; Triton AOT compiles for sm_80/90."""
+still succeeds; Triton AOT compiles for sm_80/90.
+
+The AOT tooling is development code in bench/ (aot.py, triton_configs.py), imported from there.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from effattn import _extension
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import aot  # noqa: E402
 
 
 def test_extension_imports():
@@ -140,6 +147,14 @@ def test_build_record_of_this_install():
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
+
+class _Gather(NamedTuple):
+    """A NamedTuple kernel argument (the kernels group strides and layout tables so)."""
+
+    start: int
+    stride: int
+
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -169,26 +184,35 @@ if HAS_TRITON:
         c = tl.dot(a, b)
         tl.store(C + rm[:, None] * BN + rn[None, :], c.to(tl.float16), mask=rm[:, None] < M)
 
+    @triton.jit
+    def _tiny_gather(X, Y, gather, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(X + gather.start + offs * gather.stride, mask=offs < n)
+        tl.store(Y + offs, x, mask=offs < n)
+
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 SOFTMAX_SIG = {"X": "*fp16", "Y": "*fp16", "n_cols": "i32", "stride_x": "i32"}
 DOT_SIG = {"A": "*fp16", "B": "*fp16", "C": "*fp16", "M": "i32", "stride_am": "i32"}
+GATHER_SIG = {"X": "*fp16", "Y": "*fp16", "gather": _Gather("i32", "i32"), "n": "i32"}
 
 
 @pytest.fixture(scope="module")
 def compiled():
     """Every AOT build of this module in one batch (one child process under TRITON_INTERPRET)."""
-    from effattn._aot import KernelConfig, aot_compile_configs
-
+    KernelConfig = aot.KernelConfig
     configs = [
         # SCALE is left out: it takes its default, as with the JIT
         KernelConfig("softmax", _tiny_row_softmax, SOFTMAX_SIG, {"BLOCK": 1024}, 4, 1),
         KernelConfig("dot64", _tiny_dot, DOT_SIG, {"BM": 64, "BN": 64, "BK": 32}, 4, 2),
         # a plain tuple works too; BK=8 is below tl.dot's minimum of 16: a compile error
         ("dot-bad", _tiny_dot, DOT_SIG, {"BM": 64, "BN": 64, "BK": 8}, 4, 2, None, (80,)),
+        KernelConfig(
+            "gather", _tiny_gather, GATHER_SIG, {"BLOCK": 128}, 4, 1, ("X", "Y", "gather.stride")
+        ),
     ]
-    rows = aot_compile_configs(configs, archs=(80, 90))
+    rows = aot.aot_compile_configs(configs, archs=(80, 90))
     return {(r["kernel"], r["arch"]): r for r in rows}
 
 
@@ -223,10 +247,8 @@ def test_aot_compile_error_is_reported(compiled):
 
 @needs_triton
 def test_aot_compile_single(compiled):
-    from effattn._aot import aot_compile, check
-
-    info = aot_compile(_tiny_dot, DOT_SIG, {"BM": 64, "BN": 64, "BK": 32}, 90, 4, 2)
-    assert check(info) == []
+    info = aot.aot_compile(_tiny_dot, DOT_SIG, {"BM": 64, "BN": 64, "BK": 32}, 90, 4, 2)
+    assert aot.check(info) == []
     # Same numbers as the batch (served from Triton's cache and effattn's ptxas record).
     batch = compiled[("dot64", 90)]
     assert {k: batch[k] for k in info} == info
@@ -234,21 +256,34 @@ def test_aot_compile_single(compiled):
 
 @needs_triton
 def test_aot_compile_rejects_incomplete_signature():
-    from effattn._aot import aot_compile
-
     with pytest.raises(ValueError, match="stride_x"):
-        aot_compile(_tiny_row_softmax, {"X": "*fp32", "Y": "*fp32", "n_cols": "i32"}, {"BLOCK": 64})
+        aot.aot_compile(
+            _tiny_row_softmax, {"X": "*fp32", "Y": "*fp32", "n_cols": "i32"}, {"BLOCK": 64}
+        )
     with pytest.raises(ValueError, match="nope"):
-        aot_compile(
+        aot.aot_compile(
             _tiny_row_softmax,
             {"X": "*fp32", "Y": "*fp32", "n_cols": "i32", "stride_x": "i32", "nope": "i32"},
             {"BLOCK": 64},
         )
 
 
-def test_parse_ptxas_log():
-    from effattn._aot import check, parse_ptxas_log
+@needs_triton
+def test_aot_namedtuple_parameter(compiled):
+    assert compiled[("gather", 80)]["problems"] == []
+    assert compiled[("gather", 90)]["problems"] == []
+    sig, _ = aot._full_signature(_tiny_gather, GATHER_SIG, {"BLOCK": 128})
+    names = list(_tiny_gather.arg_names)
+    # Element j of tuple parameter i is (i, j), as the JIT keys its specializations.
+    div = {(0,), (1,), (2, 1)}
+    assert set(aot._divisibility_attrs(names, sig, ("X", "Y", "gather.stride"))) == div
+    assert set(aot._divisibility_attrs(names, sig, ("gather",))) == {(2, 0), (2, 1)}
+    assert set(aot._divisibility_attrs(names, sig, None)) == {(0,), (1,)}
+    with pytest.raises(ValueError, match="no field 'step'"):
+        aot._divisibility_attrs(names, sig, ("gather.step",))
 
+
+def test_parse_ptxas_log():
     log = """\
 ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_80'
@@ -260,11 +295,65 @@ ptxas-blackwell info    : Function properties for k
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas-blackwell info    : Used 40 registers, used 0 barriers
 """
-    recs = parse_ptxas_log(log)
+    recs = aot.parse_ptxas_log(log)
     foo = recs[("_Z3fooPf", "sm_80")]
     assert foo["regs"] == 255 and foo["static_smem"] == 2048 and foo["spills"] == 8
     k = recs[("k", "sm_90a")]
     assert k["regs"] == 40 and k["spills"] == 0 and k["static_smem"] == 0
     info = {**foo, "smem": 2048, "smem_limit": 1024, "threads": 512}
-    problems = check(info)
+    problems = aot.check(info)
     assert len(problems) == 3  # spills, shared memory, 255 regs x 512 threads
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped Triton configurations (bench/triton_configs.py)
+# --------------------------------------------------------------------------------------------
+
+
+@needs_triton
+def test_every_triton_module_has_configs():
+    import pkgutil
+
+    import triton_configs
+
+    import effattn.ops
+
+    modules = {
+        f"effattn.ops.{m.name}"
+        for m in pkgutil.iter_modules(effattn.ops.__path__)
+        if m.name.startswith("triton")
+    }
+    assert modules == set(triton_configs.CONFIGS)
+
+
+@needs_triton
+def test_sparse_configs_cover_every_kernel_and_parameter():
+    import triton_configs
+
+    configs = list(triton_configs.sparse_configs())
+    names = {c.name for c in configs}
+    assert len(names) == len(configs)
+    for kernel in ("fwd", "dq", "dkdv"):
+        for d in (16, 32, 64, 128, 256):
+            for dtype in ("fp16", "bf16", "fp32"):
+                assert any(n.startswith(f"sparse_{kernel}[D={d},{dtype},") for n in names)
+    for c in configs:
+        sig, cst = aot._full_signature(c.fn, c.signature, c.constexprs)
+        assert set(sig) == set(c.fn.arg_names)
+        assert c.archs is not None and len(c.archs) == 1
+
+
+@needs_triton
+def test_xl_configs_cover_every_kernel_and_parameter():
+    import triton_configs
+
+    configs = list(triton_configs.xl_configs())
+    names = {c.name for c in configs}
+    assert len(names) == len(configs)
+    for kernel in ("fwd", "bwd_dkdv", "bwd_dq", "bwd_dr"):
+        for d in (16, 32, 64, 128, 256):
+            for dtype in ("fp16", "bf16") + (("fp32",) if d <= 64 else ()):
+                assert f"xl_{kernel}[D<={d},{dtype}]" in names
+    for c in configs:
+        sig, cst = aot._full_signature(c.fn, c.signature, c.constexprs)
+        assert set(sig) == set(c.fn.arg_names)

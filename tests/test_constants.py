@@ -142,7 +142,7 @@ if HAS_TRITON:
         c = tl.program_id(0)
         p = tl.arange(0, N)[:, None]
         j = tl.arange(0, N)[None, :]
-        ok = _pattern_allowed(Out, Terms, c, p, j, False, NUM_TERMS, True, True, True)
+        ok = _pattern_allowed(Out, p * N + j, Terms, c, p, j, NUM_TERMS, True, True, True, False)
         tl.store(Out + c * N * N + p * N + j, ok.to(tl.int8))
 
 

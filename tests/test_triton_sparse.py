@@ -321,22 +321,6 @@ def test_check_rejects_what_triton_cannot_serve(monkeypatch):
         effattn.sparse_attention(*(torch.zeros(1, 1, 4, 8),) * 3, P.causal(), backend="triton")
 
 
-def test_compile_configs_cover_every_kernel_parameter():
-    from effattn._aot import _full_signature
-
-    configs = list(ts.compile_configs())
-    names = {c.name for c in configs}
-    assert len(names) == len(configs)
-    for kernel in ("fwd", "dq", "dkdv"):
-        for d in (16, 32, 64, 128, 256):
-            for dtype in ("fp16", "bf16", "fp32"):
-                assert any(n.startswith(f"sparse_{kernel}[D={d},{dtype},") for n in names)
-    for c in configs:
-        sig, cst = _full_signature(c.fn, c.signature, c.constexprs)
-        assert set(sig) == set(c.fn.arg_names)
-        assert c.archs is not None and len(c.archs) == 1
-
-
 def test_forward_blocks_keep_strided_and_fixed_efficient():
     from effattn.decompose import planned_work_efficiency
 

@@ -13,6 +13,13 @@ kernels, each visiting only the blocks of the part's :class:`effattn.patterns.Bl
     (``q_full_*`` / ``q_part_*``), looping over the query heads of the GQA group inside the
     program, so that the result is deterministic and needs no atomics.
 
+Each kernel reads top to bottom: a prologue (``_query_prologue``, shared by the forward and
+dq) finds the program's block and head and advances the base pointers to them once; one
+inner-loop helper per direction (``_fwd_inner``, ``_dq_inner``, ``_dkdv_inner``) runs over the
+row's full blocks and then, with the pattern predicate, over its partial ones; an epilogue
+stores the result. Strides travel as ``_Strides`` and a layout view as ``_Blocks`` (NamedTuple
+kernel arguments), and the launchers pass every argument by keyword.
+
 Partial blocks are resolved from the packed term table (built-in patterns; the constraint kinds
 no term uses are compiled out through constexpr flags) or from the deduplicated stored tiles
 (custom patterns). Rows past n_q and keys past n_k are always masked, and head dims that are not
@@ -34,13 +41,11 @@ import torch
 import triton
 import triton.language as tl
 
-from effattn._aot import KernelConfig
-from effattn.patterns import BlockLayout
+from effattn.patterns import GROUP_EQ, GROUP_LT, BlockLayout, Term
 
 __all__ = [
     "BLOCKS_OVERRIDE",
     "check",
-    "compile_configs",
     "plan_blocks",
     "sparse_backward",
     "sparse_forward",
@@ -51,52 +56,90 @@ BLOCKS_OVERRIDE: tuple[int, int] | None = None
 plans decompose (strided / fixed parts, padding keys, dummy rows) at interpreter-sized n."""
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-_LOG2E = 1.4426950408889634
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# --------------------------------------------------------------------------- kernel arguments
+class _Strides(NamedTuple):
+    """Element strides of a [B, H, n, D] tensor's batch, head and row dims (D has stride 1)."""
+
+    batch: int
+    head: int
+    row: int
+
+
+class _Blocks(NamedTuple):
+    """One view of a BlockLayout as a kernel reads it: for each head class c < C and row r < R
+    (query block of the forward and dq, key block of dk / dv) the blocks of the other side to
+    visit. Of ``terms`` and ``tiles`` the layout uses one; the other is any tensor of the right
+    dtype (never read), as is ``part_tile`` under the term table."""
+
+    full_num: torch.Tensor  # [C, R] int32: how many blocks row r sees entirely
+    full_idx: torch.Tensor  # [C, R, max_full] int32: which
+    part_num: torch.Tensor  # [C, R] int32: how many blocks need the pattern predicate
+    part_idx: torch.Tensor  # [C, R, max_part] int32: which
+    part_tile: torch.Tensor  # [C, R, max_part] int32: their stored tiles (custom patterns)
+    terms: torch.Tensor  # [C, NUM_TERMS, Term.NUM_FIELDS] int32 term table (built-in patterns)
+    tiles: torch.Tensor  # [U, BLOCK_M, BLOCK_N] uint8 stored tiles (custom patterns)
+    num_rows: int  # R
+    max_full: int
+    max_part: int
+    num_classes: int  # C: head h follows class h % C
+    q_offset: int  # absolute position of query row 0
+
+
 # --------------------------------------------------------------------------- kernels
-# Nested @triton.jit calls cost nothing on the GPU (they are inlined) but a few milliseconds
-# each in the interpreter, so the per-block bodies below inline their small steps.
+# Nested @triton.jit calls cost nothing on the GPU (they are inlined) but about half a
+# millisecond each in the interpreter: a kernel makes one call per list of blocks (an inner
+# loop inlining its per-block steps), whose blocks call out only for the pattern predicate of
+# partial blocks, the bf16 rounding of the interpreter and the dk / dv row statistics.
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+# A packed pattern term (effattn.patterns.Term.as_tuple): the offsets of its int32 fields.
+_TERM_SIZE = tl.constexpr(Term.NUM_FIELDS)
+_LO, _HI, _MOD, _GQ, _GK, _GREL, _SMOD, _SMIN, _SMAX = map(tl.constexpr, range(Term.NUM_FIELDS))
+_GROUP_EQ = tl.constexpr(GROUP_EQ)
+_GROUP_LT = tl.constexpr(GROUP_LT)
+
+
 @triton.jit
 def _pattern_allowed(
-    tile_ptrs,
-    Terms,
-    c,
-    p,
-    j,
-    USE_TILES: tl.constexpr,
-    NUM_TERMS: tl.constexpr,
-    USE_MOD: tl.constexpr,
-    USE_GROUP: tl.constexpr,
-    USE_COLS: tl.constexpr,
-):
-    """Which entries of a partial block the pattern allows: the stored tile (custom patterns)
-    or the OR of class c's terms at absolute query positions p and keys j (broadcastable
-    int32)."""
+    Tile, tile_offs, Terms, c, p, j,
+    NUM_TERMS: tl.constexpr, USE_MOD: tl.constexpr, USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr, USE_TILES: tl.constexpr,
+):  # fmt: skip
+    """Which entries of a partial block the pattern allows, as a bool tile.
+
+    Tile: the block's stored [BLOCK_M, BLOCK_N] uint8 tile (custom patterns), read at
+    tile_offs (that shape, or its transpose); Terms [C, NUM_TERMS, _TERM_SIZE]: the term table
+    (built-in patterns), whose terms of head class c are OR-ed at absolute query positions p and
+    keys j (int32, broadcastable to the tile's shape).
+    """
     if USE_TILES:
-        return tl.load(tile_ptrs) != 0
+        return tl.load(Tile + tile_offs) != 0
     d = p - j
     ok = d != d
     for t in tl.static_range(NUM_TERMS):
-        base = Terms + (c * NUM_TERMS + t) * 9
-        term = (d >= tl.load(base)) & (d <= tl.load(base + 1))
+        term = Terms + (c * NUM_TERMS + t) * _TERM_SIZE
+        allowed = (d >= tl.load(term + _LO)) & (d <= tl.load(term + _HI))
         if USE_MOD:
-            mod = tl.load(base + 2)
+            mod = tl.load(term + _MOD)
             # p - j may be negative: only "divisible" is asked, where C and floor remainders agree.
-            term = term & ((mod <= 0) | (d % tl.maximum(mod, 1) == 0))
+            allowed = allowed & ((mod <= 0) | (d % tl.maximum(mod, 1) == 0))
         if USE_GROUP:
-            gq = tl.load(base + 3)
-            grel = tl.load(base + 5)
+            gq = tl.load(term + _GQ)
+            grel = tl.load(term + _GREL)
             qg = p // tl.maximum(gq, 1)
-            kg = j // tl.maximum(tl.load(base + 4), 1)
-            rel = tl.where(grel == 0, kg == qg, tl.where(grel == 1, kg < qg, kg != qg))
-            term = term & ((gq <= 0) | rel)
+            kg = j // tl.maximum(tl.load(term + _GK), 1)
+            rel = tl.where(grel == _GROUP_LT, kg < qg, kg != qg)
+            rel = tl.where(grel == _GROUP_EQ, kg == qg, rel)
+            allowed = allowed & ((gq <= 0) | rel)
         if USE_COLS:
-            smod = tl.load(base + 6)
+            smod = tl.load(term + _SMOD)
             r = j % tl.maximum(smod, 1)
-            term = term & ((smod <= 0) | ((r >= tl.load(base + 7)) & (r <= tl.load(base + 8))))
-        ok = ok | term
+            in_cols = (r >= tl.load(term + _SMIN)) & (r <= tl.load(term + _SMAX))
+            allowed = allowed & ((smod <= 0) | in_cols)
+        ok = ok | allowed
     return ok
 
 
@@ -113,575 +156,419 @@ def _rne_bf16(x):
 
 
 @triton.jit
-def _fwd_block(
-    acc,
-    m_i,
-    l_i,
-    q,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_vn,
-    kb,
-    offs_m,
-    offs_n,
-    offs_d,
-    d_ok,
-    q_offset,
-    n_k,
-    qk_scale,
-    key_mask_base,
-    stride_mn,
-    tile_ptrs,
-    Terms,
-    c,
+def _query_prologue(
+    Q, K, V, KeyMask, stride_q, stride_k, stride_v, stride_mask, layout, num_heads, group, n_q,
+    NUM_TERMS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """The start of a forward or dq program, one per (query block, batch x head).
+
+    Takes the kernel's arguments of the same names. Returns the program's batch b and head h,
+    offs_m [BLOCK_M] (the block's query rows), q_mask [BLOCK_M, BLOCK_D] (those inside
+    n_q x HEAD_DIM), the q tile [BLOCK_M, BLOCK_D] as tl.dot operand, K, V and KeyMask advanced
+    to the program's batch and head (K and V to its kv head), its head class c and its row
+    c * R + query block in the layout's tables.
+    """
+    # Last query blocks first: under causal-like patterns they carry the most key blocks.
+    qb = layout.num_rows - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    c = h % layout.num_classes
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64)
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = (offs_m < n_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    Q += b64 * stride_q.batch + h64 * stride_q.head
+    q = tl.load(Q + offs_m[:, None] * stride_q.row + offs_d[None, :], mask=q_mask, other=0.0)
+    K += b64 * stride_k.batch + hk64 * stride_k.head
+    V += b64 * stride_v.batch + hk64 * stride_v.head
+    KeyMask += b64 * stride_mask.batch + h64 * stride_mask.head
+    row = c * layout.num_rows + qb
+    return b, h, offs_m, q_mask, q.to(DOT_DTYPE), K, V, KeyMask, c, row
+
+
+@triton.jit
+def _fwd_inner(
+    acc, m_i, l_i, q, offs_m,
+    K, V, KeyMask, stride_k, stride_v, stride_mask, n_k, qk_scale,
+    layout, row, c,
     PARTIAL: tl.constexpr,
-    NUM_TERMS: tl.constexpr,
-    USE_MOD: tl.constexpr,
-    USE_GROUP: tl.constexpr,
-    USE_COLS: tl.constexpr,
-    USE_TILES: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    EXP2: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    NUM_TERMS: tl.constexpr, USE_MOD: tl.constexpr, USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr, USE_TILES: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    EXP2: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     RNE_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """One key block of the online softmax: returns the updated (acc, m_i, l_i)."""
-    cols = kb * BLOCK_N + offs_n
-    col_ok = cols < n_k
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
-    if HAS_KEY_MASK:
-        col_ok = col_ok & (tl.load(key_mask_base + cols * stride_mn, mask=col_ok, other=1) == 0)
-    vis = col_ok[None, :]
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """The online softmax over the full (PARTIAL False) or partial key blocks of a layout row.
+
+    acc [BLOCK_M, BLOCK_D], m_i, l_i [BLOCK_M]: the running output, row max and row sum, which
+    it returns updated; q [BLOCK_M, BLOCK_D]: the query tile; offs_m [BLOCK_M]: its rows; K, V
+    [n_k, D], KeyMask [n_k], the layout row and head class c as _query_prologue returns them;
+    the rest as in _fwd_kernel.
+    """
     if PARTIAL:
-        vis = vis & _pattern_allowed(
-            tile_ptrs, Terms, c, (offs_m + q_offset)[:, None], cols[None, :],
-            USE_TILES, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS,
-        )  # fmt: skip
-    s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # Rows with nothing visible so far keep m = -inf: shift them by 0 so exp gives 0, not NaN.
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    if EXP2:
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
+        n_blocks = tl.load(layout.part_num + row)
+        BlockIdx = layout.part_idx + row * layout.max_part
+        BlockTile = layout.part_tile + row * layout.max_part
     else:
-        p = tl.exp(s - m_use[:, None])
-        alpha = tl.exp(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if RNE_BF16:
-        p = _rne_bf16(p)
-    pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    acc = acc * alpha[:, None] + pv
-    return acc, m_new, l_i
+        n_blocks = tl.load(layout.full_num + row)
+        BlockIdx = layout.full_idx + row * layout.max_full
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + offs_n[None, :]
+    for t in range(n_blocks):
+        cols = tl.load(BlockIdx + t) * BLOCK_N + offs_n
+        # The stored tile's index is read with the block's: read later in the body, ptxas of
+        # Triton 3.6 spilled registers in two dq configs.
+        Tile = layout.tiles
+        if PARTIAL and USE_TILES:
+            Tile += tl.load(BlockTile + t).to(tl.int64) * (BLOCK_M * BLOCK_N)
+        col_ok = cols < n_k
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + cols[:, None] * stride_k.row + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_v.row + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_KEY_MASK:
+            hidden = tl.load(KeyMask + cols * stride_mask.row, mask=col_ok, other=1)
+            col_ok = col_ok & (hidden == 0)
+        vis = col_ok[None, :]
+        if PARTIAL:
+            vis = vis & _pattern_allowed(
+                Tile, tile_offs, layout.terms, c, (offs_m + layout.q_offset)[:, None],
+                cols[None, :], NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES,
+            )  # fmt: skip
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with nothing visible so far keep m = -inf: shift them by 0 so exp gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if EXP2:
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+        else:
+            p = tl.exp(s - m_use[:, None])
+            alpha = tl.exp(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if RNE_BF16:
+            p = _rne_bf16(p)
+        pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
 def _fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    Lse,
-    KeyMask,
-    FullNum,
-    FullIdx,
-    PartNum,
-    PartIdx,
-    PartTile,
-    Terms,
-    Tiles,
-    qk_scale,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_mb,
-    stride_mh,
-    stride_mn,
-    num_heads,
-    group,
-    num_classes,
-    n_q,
-    n_k,
-    q_offset,
-    num_q_blocks,
-    max_full,
-    max_part,
-    NUM_TERMS: tl.constexpr,
-    USE_MOD: tl.constexpr,
-    USE_GROUP: tl.constexpr,
-    USE_COLS: tl.constexpr,
-    USE_TILES: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    IS_FP64: tl.constexpr,
-    EXP2: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    RNE_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
-    # Last query blocks first: under causal-like patterns they carry the most key blocks.
-    qb = num_q_blocks - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    c = h % num_classes
-    hk = h // group
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < n_q
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    q = tl.load(q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-    q = q.to(DOT_DTYPE)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    key_mask_base = KeyMask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-    tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + offs_n[None, :]
-    acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=acc_dtype)
-    l_i = tl.zeros([BLOCK_M], dtype=acc_dtype)
-    row = c * num_q_blocks + qb
+    Q, K, V, KeyMask, Out, Lse,
+    stride_q, stride_k, stride_v, stride_mask, stride_o,
+    layout, qk_scale, num_heads, group, n_q, n_k,
+    NUM_TERMS: tl.constexpr, USE_MOD: tl.constexpr, USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr, USE_TILES: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, EXP2: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RNE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """Attention of one query block and head over the key blocks its layout row lists.
 
-    n_full = tl.load(FullNum + row)
-    for t in range(n_full):
-        kb = tl.load(FullIdx + row * max_full + t)
-        acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, kb, offs_m, offs_n, offs_d,
-            d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, Tiles, Terms, c,
-            False, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK, EXP2,
-            DOT_DTYPE, DOT_PRECISION, RNE_BF16, BLOCK_N,
-        )  # fmt: skip
-    n_part = tl.load(PartNum + row)
-    for t in range(n_part):
-        kb = tl.load(PartIdx + row * max_part + t)
-        tile_ptrs = Tiles + tile_offs
-        if USE_TILES:
-            tile = tl.load(PartTile + row * max_part + t)
-            tile_ptrs += tile.to(tl.int64) * (BLOCK_M * BLOCK_N)
-        acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, kb, offs_m, offs_n, offs_d,
-            d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, tile_ptrs, Terms, c,
-            True, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK, EXP2,
-            DOT_DTYPE, DOT_PRECISION, RNE_BF16, BLOCK_N,
+    Grid: (layout.num_rows query blocks, B x H).
+
+    Args:
+        Q [B, H, n_q, D]; K, V [B, Hkv, n_k, D] (H = Hkv x group); KeyMask [B, H, n_k] uint8,
+            nonzero = key hidden (read only with HAS_KEY_MASK); Out [B, H, n_q, D]; Lse
+            [B x H, n_q] in ACC_DTYPE (contiguous); each with its stride_* (_Strides; D has
+            stride 1, KeyMask's "row" is its key stride).
+        layout: the _Blocks of the layout's query rows (kv_* tensors).
+        qk_scale: the score scale, times log2(e) under EXP2.
+        num_heads: H; group: H / Hkv; n_q, n_k: sequence lengths.
+        NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS: the term table's width and the constraint
+            kinds its terms use (the others compile out); USE_TILES: stored tiles instead.
+        ACC_DTYPE: accumulation dtype; EXP2: softmax in base 2; DOT_DTYPE, DOT_PRECISION:
+            tl.dot operand dtype and precision; RNE_BF16: round to bf16 as the GPU does.
+        BLOCK_M x BLOCK_N: the layout's blocks; BLOCK_D: HEAD_DIM = D padded to a power of two.
+    """
+    b, h, offs_m, q_mask, q, K, V, KeyMask, c, row = _query_prologue(
+        Q, K, V, KeyMask, stride_q, stride_k, stride_v, stride_mask, layout, num_heads, group,
+        n_q, NUM_TERMS, DOT_DTYPE, BLOCK_M, BLOCK_D, HEAD_DIM,
+    )  # fmt: skip
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    # Full blocks first (no pattern test), then the partial ones.
+    for PARTIAL in tl.static_range(2):
+        acc, m_i, l_i = _fwd_inner(
+            acc, m_i, l_i, q, offs_m, K, V, KeyMask, stride_k, stride_v, stride_mask, n_k,
+            qk_scale, layout, row, c, PARTIAL == 1,
+            NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK,
+            EXP2, DOT_DTYPE, DOT_PRECISION, RNE_BF16, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
         )  # fmt: skip
 
     nonempty = l_i > 0
     l_safe = tl.where(nonempty, l_i, 1.0)
     out = acc / l_safe[:, None]
     if EXP2:
-        lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
+        lse = (m_i + tl.log2(l_safe)) / _LOG2E
     else:
         lse = m_i + tl.log(l_safe)
     lse = tl.where(nonempty, lse, float("-inf"))
     if RNE_BF16:
         out = _rne_bf16(out)
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    o_ptrs += offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
-    tl.store(Lse + bh.to(tl.int64) * n_q + offs_m, lse, mask=row_ok)
+    offs_d = tl.arange(0, BLOCK_D)
+    Out += b.to(tl.int64) * stride_o.batch + h.to(tl.int64) * stride_o.head
+    Lse += tl.program_id(1).to(tl.int64) * n_q  # row b x H + h of [B x H, n_q]
+    o_offs = offs_m[:, None] * stride_o.row + offs_d[None, :]
+    tl.store(Out + o_offs, out.to(Out.dtype.element_ty), mask=q_mask)
+    tl.store(Lse + offs_m, lse, mask=offs_m < n_q)
 
 
 @triton.jit
-def _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, EXP2: tl.constexpr):
-    """(lse in the kernels' exponent base, delta, row visible) for query rows offs_m.
+def _row_stats(Lse, Delta, offs_m, n_q, EXP2: tl.constexpr):
+    """(lse in the kernels' exponent base, delta, row visible) of query rows offs_m [BLOCK_M].
 
-    Rows past n_q and rows whose merged lse is +-inf (no visible key, or kept only to fill a
-    dense block) get visible = False, so they contribute nothing.
+    Lse, Delta [n_q]: the head's merged statistics. Rows past n_q and rows whose lse is +-inf
+    (no visible key, or kept only to fill a dense block) get visible = False, so they
+    contribute nothing.
     """
     in_rows = offs_m < n_q
-    lse = tl.load(Lse + bh.to(tl.int64) * n_q + offs_m, mask=in_rows, other=float("inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * n_q + offs_m, mask=in_rows, other=0.0)
+    lse = tl.load(Lse + offs_m, mask=in_rows, other=float("inf"))
+    delta = tl.load(Delta + offs_m, mask=in_rows, other=0.0)
     ok = (lse > float("-inf")) & (lse < float("inf"))
     if EXP2:
-        lse = lse * 1.4426950408889634
+        lse = lse * _LOG2E
     lse = tl.where(ok, lse, 0.0)
     delta = tl.where(ok, delta, 0.0)
     return lse, delta, ok
 
 
 @triton.jit
-def _bwd_dq_block(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    row_vis,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_vn,
-    kb,
-    offs_m,
-    offs_n,
-    offs_d,
-    d_ok,
-    q_offset,
-    n_k,
-    qk_scale,
-    key_mask_base,
-    stride_mn,
-    tile_ptrs,
-    Terms,
-    c,
+def _dq_inner(
+    dq, q, do, lse, delta, row_vis, offs_m,
+    K, V, KeyMask, stride_k, stride_v, stride_mask, n_k, qk_scale,
+    layout, row, c,
     PARTIAL: tl.constexpr,
-    NUM_TERMS: tl.constexpr,
-    USE_MOD: tl.constexpr,
-    USE_GROUP: tl.constexpr,
-    USE_COLS: tl.constexpr,
-    USE_TILES: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    EXP2: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    NUM_TERMS: tl.constexpr, USE_MOD: tl.constexpr, USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr, USE_TILES: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    EXP2: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     RNE_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """dq += dS K over one key block (dS without the final scale)."""
-    cols = kb * BLOCK_N + offs_n
-    col_ok = cols < n_k
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    k_dot = k.to(DOT_DTYPE)
-    s = tl.dot(q, tl.trans(k_dot), input_precision=DOT_PRECISION) * qk_scale
-    if HAS_KEY_MASK:
-        col_ok = col_ok & (tl.load(key_mask_base + cols * stride_mn, mask=col_ok, other=1) == 0)
-    vis = col_ok[None, :] & row_vis[:, None]
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """dq += dS K (dS without the final scale) over the full or partial key blocks of a row.
+
+    dq, q, do [BLOCK_M, BLOCK_D]; lse, delta, row_vis [BLOCK_M] from _row_stats; the rest as
+    in _fwd_inner.
+    """
     if PARTIAL:
-        vis = vis & _pattern_allowed(
-            tile_ptrs, Terms, c, (offs_m + q_offset)[:, None], cols[None, :],
-            USE_TILES, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS,
-        )  # fmt: skip
-    x = tl.where(vis, s - lse[:, None], float("-inf"))
-    if EXP2:
-        p = tl.exp2(x)
+        BlockIdx = layout.part_idx
+        first = row * layout.max_part
+        n_blocks = tl.load(layout.part_num + row)
     else:
-        p = tl.exp(x)
-    dp = tl.dot(do, tl.trans(v.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    if RNE_BF16:
-        ds = _rne_bf16(ds)
-    dq += tl.dot(ds.to(k.dtype).to(DOT_DTYPE), k_dot, input_precision=DOT_PRECISION)
+        BlockIdx = layout.full_idx
+        first = row * layout.max_full
+        n_blocks = tl.load(layout.full_num + row)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + offs_n[None, :]
+    for t in range(n_blocks):
+        cols = tl.load(BlockIdx + (first + t)) * BLOCK_N + offs_n
+        # The stored tile's index is read with the block's: read later in the body, ptxas of
+        # Triton 3.6 spilled registers in two dq configs.
+        Tile = layout.tiles
+        if PARTIAL and USE_TILES:
+            Tile += tl.load(layout.part_tile + (first + t)).to(tl.int64) * (BLOCK_M * BLOCK_N)
+        col_ok = cols < n_k
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + cols[:, None] * stride_k.row + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_v.row + offs_d[None, :], mask=kv_mask, other=0.0)
+        k_dot = k.to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k_dot), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_KEY_MASK:
+            hidden = tl.load(KeyMask + cols * stride_mask.row, mask=col_ok, other=1)
+            col_ok = col_ok & (hidden == 0)
+        vis = col_ok[None, :] & row_vis[:, None]
+        if PARTIAL:
+            vis = vis & _pattern_allowed(
+                Tile, tile_offs, layout.terms, c, (offs_m + layout.q_offset)[:, None],
+                cols[None, :], NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES,
+            )  # fmt: skip
+        x = tl.where(vis, s - lse[:, None], float("-inf"))
+        if EXP2:
+            p = tl.exp2(x)
+        else:
+            p = tl.exp(x)
+        dp = tl.dot(do, tl.trans(v.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if RNE_BF16:
+            ds = _rne_bf16(ds)
+        dq += tl.dot(ds.to(k.dtype).to(DOT_DTYPE), k_dot, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    Lse,
-    Delta,
-    DQ,
-    KeyMask,
-    FullNum,
-    FullIdx,
-    PartNum,
-    PartIdx,
-    PartTile,
-    Terms,
-    Tiles,
-    qk_scale,
-    sm_scale,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_mb,
-    stride_mh,
-    stride_mn,
-    num_heads,
-    group,
-    num_classes,
-    n_q,
-    n_k,
-    q_offset,
-    num_q_blocks,
-    max_full,
-    max_part,
-    NUM_TERMS: tl.constexpr,
-    USE_MOD: tl.constexpr,
-    USE_GROUP: tl.constexpr,
-    USE_COLS: tl.constexpr,
-    USE_TILES: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    IS_FP64: tl.constexpr,
-    EXP2: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    RNE_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
-    qb = num_q_blocks - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    c = h % num_classes
-    hk = h // group
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    Q, K, V, KeyMask, DO, Lse, Delta, DQ,
+    stride_q, stride_k, stride_v, stride_mask, stride_do,
+    layout, qk_scale, sm_scale, num_heads, group, n_q, n_k,
+    NUM_TERMS: tl.constexpr, USE_MOD: tl.constexpr, USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr, USE_TILES: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, EXP2: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RNE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """dq of one query block and head over the key blocks of its layout row (as the forward).
+
+    Grid: (layout.num_rows query blocks, B x H). DO [B, H, n_q, D] with stride_do; Lse,
+    Delta [B x H, n_q] in ACC_DTYPE: the merged lse and rowsum(dout * out) - dlse of the
+    plan; DQ [B, H, n_q, D] in ACC_DTYPE (contiguous); sm_scale: the score scale (qk_scale
+    without log2(e)); the rest as in _fwd_kernel.
+    """
+    b, h, offs_m, q_mask, q, K, V, KeyMask, c, row = _query_prologue(
+        Q, K, V, KeyMask, stride_q, stride_k, stride_v, stride_mask, layout, num_heads, group,
+        n_q, NUM_TERMS, DOT_DTYPE, BLOCK_M, BLOCK_D, HEAD_DIM,
+    )  # fmt: skip
+    bh = b * num_heads + h
+    DO += b.to(tl.int64) * stride_do.batch + h.to(tl.int64) * stride_do.head
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q_mask = (offs_m < n_q)[:, None] & d_ok[None, :]
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    q = tl.load(q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-    do_ptrs = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    do = tl.load(do_ptrs + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
-    q, do = q.to(DOT_DTYPE), do.to(DOT_DTYPE)
-    lse, delta, row_vis = _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, EXP2)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    key_mask_base = KeyMask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-    tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + offs_n[None, :]
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float64 if IS_FP64 else tl.float32)
-    row = c * num_q_blocks + qb
-
-    n_full = tl.load(FullNum + row)
-    for t in range(n_full):
-        kb = tl.load(FullIdx + row * max_full + t)
-        dq = _bwd_dq_block(
-            dq, q, do, lse, delta, row_vis, k_base, v_base, stride_kn, stride_vn, kb, offs_m,
-            offs_n, offs_d, d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, Tiles,
-            Terms, c, False, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK,
-            EXP2, DOT_DTYPE, DOT_PRECISION, RNE_BF16, BLOCK_N,
-        )  # fmt: skip
-    n_part = tl.load(PartNum + row)
-    for t in range(n_part):
-        kb = tl.load(PartIdx + row * max_part + t)
-        tile_ptrs = Tiles + tile_offs
-        if USE_TILES:
-            tile = tl.load(PartTile + row * max_part + t)
-            tile_ptrs += tile.to(tl.int64) * (BLOCK_M * BLOCK_N)
-        dq = _bwd_dq_block(
-            dq, q, do, lse, delta, row_vis, k_base, v_base, stride_kn, stride_vn, kb, offs_m,
-            offs_n, offs_d, d_ok, q_offset, n_k, qk_scale, key_mask_base, stride_mn, tile_ptrs,
-            Terms, c, True, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK,
-            EXP2, DOT_DTYPE, DOT_PRECISION, RNE_BF16, BLOCK_N,
+    do = tl.load(DO + offs_m[:, None] * stride_do.row + offs_d[None, :], mask=q_mask, other=0.0)
+    do = do.to(DOT_DTYPE)
+    Lse += bh.to(tl.int64) * n_q
+    Delta += bh.to(tl.int64) * n_q
+    lse, delta, row_vis = _row_stats(Lse, Delta, offs_m, n_q, EXP2)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+    for PARTIAL in tl.static_range(2):  # full blocks, then partial ones
+        dq = _dq_inner(
+            dq, q, do, lse, delta, row_vis, offs_m, K, V, KeyMask, stride_k, stride_v,
+            stride_mask, n_k, qk_scale, layout, row, c, PARTIAL == 1,
+            NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, HAS_KEY_MASK,
+            EXP2, DOT_DTYPE, DOT_PRECISION, RNE_BF16, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
         )  # fmt: skip
 
-    # DQ is a contiguous [B, H, n_q, D] accumulator-dtype tensor.
     dq_ptrs = DQ + bh.to(tl.int64) * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptrs, dq * sm_scale, mask=q_mask)
 
 
 @triton.jit
-def _bwd_dkdv_block(
-    dk,
-    dv,
-    k,
-    v,
-    col_ok,
-    cols,
-    q_base,
-    do_base,
-    stride_qm,
-    stride_dom,
-    Lse,
-    Delta,
-    bh,
-    qb,
-    offs_r,
-    offs_d,
-    d_ok,
-    n_q,
-    q_offset,
-    qk_scale,
-    tile_ptrs,
-    Terms,
-    c,
+def _dkdv_inner(
+    dk, dv, k, v, cols, col_ok,
+    Q, DO, Lse, Delta, stride_q, stride_do, n_q, qk_scale,
+    layout, row, c,
     PARTIAL: tl.constexpr,
-    NUM_TERMS: tl.constexpr,
-    USE_MOD: tl.constexpr,
-    USE_GROUP: tl.constexpr,
-    USE_COLS: tl.constexpr,
-    USE_TILES: tl.constexpr,
-    EXP2: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    NUM_TERMS: tl.constexpr, USE_MOD: tl.constexpr, USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr, USE_TILES: tl.constexpr,
+    EXP2: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     RNE_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """dv += P^T dO, dk += dS^T Q over one query block, in the transposed [BN, BM] orientation."""
-    offs_m = qb * BLOCK_M + offs_r
-    q_mask = (offs_m < n_q)[:, None] & d_ok[None, :]
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
-    q_dot, do_dot = q.to(DOT_DTYPE), do.to(DOT_DTYPE)
-    lse, delta, row_vis = _bwd_row_stats(Lse, Delta, bh, n_q, offs_m, EXP2)
-    st = tl.dot(k, tl.trans(q_dot), input_precision=DOT_PRECISION) * qk_scale
-    vis = col_ok[:, None] & row_vis[None, :]
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """dv += P^T dO and dk += dS^T Q over the full or partial query blocks of a key-block row,
+    in the transposed [BLOCK_N, BLOCK_M] orientation.
+
+    dk, dv [BLOCK_N, BLOCK_D]: the accumulators, returned updated; k, v [BLOCK_N, BLOCK_D]: the
+    key block as tl.dot operands; cols [BLOCK_N]: its keys; col_ok [BLOCK_N]: those inside n_k
+    and not hidden; Q, DO [n_q, D] and Lse, Delta [n_q]: one query head's, advanced to it; the
+    layout's row and the head class c as in _fwd_inner.
+    """
     if PARTIAL:
-        vis = vis & _pattern_allowed(
-            tile_ptrs, Terms, c, (offs_m + q_offset)[None, :], cols[:, None],
-            USE_TILES, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS,
-        )  # fmt: skip
-    x = tl.where(vis, st - lse[None, :], float("-inf"))
-    if EXP2:
-        pt = tl.exp2(x)
+        n_blocks = tl.load(layout.part_num + row)
+        BlockIdx = layout.part_idx + row * layout.max_part
+        BlockTile = layout.part_tile + row * layout.max_part
     else:
-        pt = tl.exp(x)
-    if RNE_BF16:
-        pt = _rne_bf16(pt)
-    dv += tl.dot(pt.to(do.dtype).to(DOT_DTYPE), do_dot, input_precision=DOT_PRECISION)
-    dpt = tl.dot(v, tl.trans(do_dot), input_precision=DOT_PRECISION)
-    dst = pt * (dpt - delta[None, :])
-    if RNE_BF16:
-        dst = _rne_bf16(dst)
-    dk += tl.dot(dst.to(q.dtype).to(DOT_DTYPE), q_dot, input_precision=DOT_PRECISION)
+        n_blocks = tl.load(layout.full_num + row)
+        BlockIdx = layout.full_idx + row * layout.max_full
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    # Tiles are stored [BLOCK_M, BLOCK_N]; read them transposed.
+    tile_offs = offs_r[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+    for t in range(n_blocks):
+        offs_m = tl.load(BlockIdx + t) * BLOCK_M + offs_r
+        # The stored tile's index is read with the block's: read later in the body, ptxas of
+        # Triton 3.6 spilled registers in two dq configs.
+        Tile = layout.tiles
+        if PARTIAL and USE_TILES:
+            Tile += tl.load(BlockTile + t).to(tl.int64) * (BLOCK_M * BLOCK_N)
+        q_mask = (offs_m < n_q)[:, None] & d_ok[None, :]
+        q = tl.load(Q + offs_m[:, None] * stride_q.row + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_do.row + offs_d[None, :], mask=q_mask, other=0.0)
+        q_dot, do_dot = q.to(DOT_DTYPE), do.to(DOT_DTYPE)
+        lse, delta, row_vis = _row_stats(Lse, Delta, offs_m, n_q, EXP2)
+        st = tl.dot(k, tl.trans(q_dot), input_precision=DOT_PRECISION) * qk_scale
+        vis = col_ok[:, None] & row_vis[None, :]
+        if PARTIAL:
+            vis = vis & _pattern_allowed(
+                Tile, tile_offs, layout.terms, c, (offs_m + layout.q_offset)[None, :],
+                cols[:, None], NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES,
+            )  # fmt: skip
+        x = tl.where(vis, st - lse[None, :], float("-inf"))
+        if EXP2:
+            pt = tl.exp2(x)
+        else:
+            pt = tl.exp(x)
+        if RNE_BF16:
+            pt = _rne_bf16(pt)
+        dv += tl.dot(pt.to(do.dtype).to(DOT_DTYPE), do_dot, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do_dot), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        if RNE_BF16:
+            dst = _rne_bf16(dst)
+        dk += tl.dot(dst.to(q.dtype).to(DOT_DTYPE), q_dot, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    Lse,
-    Delta,
-    DK,
-    DV,
-    KeyMask,
-    FullNum,
-    FullIdx,
-    PartNum,
-    PartIdx,
-    PartTile,
-    Terms,
-    Tiles,
-    qk_scale,
-    sm_scale,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_mb,
-    stride_mh,
-    stride_mn,
-    num_heads,
-    group,
-    num_classes,
-    n_q,
-    n_k,
-    q_offset,
-    num_k_blocks,
-    max_full,
-    max_part,
-    NUM_TERMS: tl.constexpr,
-    USE_MOD: tl.constexpr,
-    USE_GROUP: tl.constexpr,
-    USE_COLS: tl.constexpr,
-    USE_TILES: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    IS_FP64: tl.constexpr,
-    EXP2: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    RNE_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
+    Q, K, V, KeyMask, DO, Lse, Delta, DK, DV,
+    stride_q, stride_k, stride_v, stride_mask, stride_do,
+    layout, qk_scale, sm_scale, num_heads, group, n_q, n_k,
+    NUM_TERMS: tl.constexpr, USE_MOD: tl.constexpr, USE_GROUP: tl.constexpr,
+    USE_COLS: tl.constexpr, USE_TILES: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, EXP2: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RNE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """dk and dv of one key block and kv head over the query blocks of its layout row.
+
+    Grid: (layout.num_rows key blocks, B x Hkv). layout: the _Blocks of the layout's key rows
+    (q_* tensors); DK, DV [B, Hkv, n_k, D] in ACC_DTYPE (contiguous); the rest as in
+    _bwd_dq_kernel. The query heads of the GQA group are visited one after the other inside
+    the program: a deterministic reduction, without atomics.
+    """
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
     num_kv_heads = num_heads // group
     b = bhk // num_kv_heads
     hk = bhk % num_kv_heads
+    b64 = b.to(tl.int64)
+    K += b64 * stride_k.batch + hk.to(tl.int64) * stride_k.head
+    V += b64 * stride_v.batch + hk.to(tl.int64) * stride_v.head
     cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     in_keys = cols < n_k
-    kv_mask = in_keys[:, None] & d_ok[None, :]
-    k_ptrs = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_ptrs = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    k = tl.load(k_ptrs + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    kv_mask = in_keys[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(K + cols[:, None] * stride_k.row + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + cols[:, None] * stride_v.row + offs_d[None, :], mask=kv_mask, other=0.0)
     k, v = k.to(DOT_DTYPE), v.to(DOT_DTYPE)
-    # Tiles are stored [BM, BN]; read them transposed.
-    tile_offs = offs_r[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
-    acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
-    # The query heads of this kv head, one after the other: a deterministic GQA reduction.
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     for g in range(group):
         h = hk * group + g
-        bh = b * num_heads + h
-        c = h % num_classes
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        c = h % layout.num_classes
+        h64 = h.to(tl.int64)
+        bh = b64 * num_heads + h64
+        Q_h = Q + b64 * stride_q.batch + h64 * stride_q.head
+        DO_h = DO + b64 * stride_do.batch + h64 * stride_do.head
         col_ok = in_keys
         if HAS_KEY_MASK:
-            km_ptrs = KeyMask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-            col_ok = col_ok & (tl.load(km_ptrs + cols * stride_mn, mask=in_keys, other=1) == 0)
-        row = c * num_k_blocks + kb
-        n_full = tl.load(FullNum + row)
-        for t in range(n_full):
-            qb = tl.load(FullIdx + row * max_full + t)
-            dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, col_ok, cols, q_base, do_base, stride_qm, stride_dom, Lse, Delta,
-                bh, qb, offs_r, offs_d, d_ok, n_q, q_offset, qk_scale, Tiles, Terms, c, False,
-                NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, EXP2, DOT_DTYPE,
-                DOT_PRECISION, RNE_BF16, BLOCK_M,
-            )  # fmt: skip
-        n_part = tl.load(PartNum + row)
-        for t in range(n_part):
-            qb = tl.load(PartIdx + row * max_part + t)
-            tile_ptrs = Tiles + tile_offs
-            if USE_TILES:
-                tile = tl.load(PartTile + row * max_part + t)
-                tile_ptrs += tile.to(tl.int64) * (BLOCK_M * BLOCK_N)
-            dk, dv = _bwd_dkdv_block(
-                dk, dv, k, v, col_ok, cols, q_base, do_base, stride_qm, stride_dom, Lse, Delta,
-                bh, qb, offs_r, offs_d, d_ok, n_q, q_offset, qk_scale, tile_ptrs, Terms, c, True,
-                NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES, EXP2, DOT_DTYPE,
-                DOT_PRECISION, RNE_BF16, BLOCK_M,
+            KeyMask_h = KeyMask + b64 * stride_mask.batch + h64 * stride_mask.head
+            hidden = tl.load(KeyMask_h + cols * stride_mask.row, mask=in_keys, other=1)
+            col_ok = col_ok & (hidden == 0)
+        for PARTIAL in tl.static_range(2):  # full blocks, then partial ones
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, cols, col_ok, Q_h, DO_h, Lse + bh * n_q, Delta + bh * n_q,
+                stride_q, stride_do, n_q, qk_scale, layout, c * layout.num_rows + kb, c,
+                PARTIAL == 1, NUM_TERMS, USE_MOD, USE_GROUP, USE_COLS, USE_TILES,
+                EXP2, DOT_DTYPE, DOT_PRECISION, RNE_BF16, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
             )  # fmt: skip
 
-    # DK and DV are contiguous [B, Hkv, n_k, D] accumulator-dtype tensors.
     out_offs = bhk.to(tl.int64) * n_k * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_offs, dk * sm_scale, mask=kv_mask)
     tl.store(DV + out_offs, dv, mask=kv_mask)
@@ -722,7 +609,7 @@ def _table(rows: str) -> dict[tuple[str, bool, int], dict[int, _Config]]:
 # The shipped configs per kernel, operand width and BLOCK_D, on sm_80 (used below sm_90 too)
 # and sm_90: the largest tiles and most pipeline stages that compile without register spills
 # with Triton 3.6 and 3.9 and, on sm_80, within the 99 KiB of shared memory that sm_86 / sm_89
-# also have (bench/compile_report.py checks them all, from compile_configs below; untimed: no
+# also have (bench/compile_report.py checks them all, from bench/triton_configs.py; untimed: no
 # GPU was at hand when they were chosen). The forward's 64-row
 # query blocks keep the work efficiency of strided(128) and fixed(128, c) above 50% at n >= 4096
 # (128-row blocks drop strided(128) to 37%: its column part is causal inside chunks of n / 128
@@ -764,33 +651,37 @@ _CONFIGS = _table(
 
 
 class _LayoutArgs:
-    """A layout's tensors and constexpr flags in kernel form (cached per layout)."""
+    """A layout in kernel form (cached per layout): its two views and the predicate flags."""
 
     def __init__(self, layout: BlockLayout):
-        self.use_tiles = layout.tiles is not None
-        if self.use_tiles:
-            self.tiles = layout.tiles.to(torch.uint8).contiguous()
-            self.terms = self.tiles  # unused: any pointer will do
-            self.num_terms, self.use_mod, self.use_group, self.use_cols = 1, False, False, False
-            self.kv_tile, self.q_tile = layout.kv_part_tile, layout.q_part_tile
+        if layout.tiles is not None:
+            tiles = layout.tiles.to(torch.uint8).contiguous()
+            terms = tiles
+            self.flags = {"NUM_TERMS": 1, "USE_MOD": False, "USE_GROUP": False, "USE_COLS": False}
+            kv_tile, q_tile = layout.kv_part_tile, layout.q_part_tile
         else:
-            self.terms = layout.terms.to(device=layout.kv_full_num.device).contiguous()
-            self.tiles = self.terms  # unused: any pointer will do
-            rows = [t for cls in layout.terms.tolist() for t in cls]
-            self.num_terms = layout.terms.shape[1]
-            self.use_mod = any(t[2] > 0 for t in rows)
-            self.use_group = any(t[3] > 0 for t in rows)
-            self.use_cols = any(t[6] > 0 for t in rows)
-            self.kv_tile, self.q_tile = layout.kv_part_idx, layout.q_part_idx
-
-    def constexprs(self) -> dict:
-        return {
-            "NUM_TERMS": self.num_terms,
-            "USE_MOD": self.use_mod,
-            "USE_GROUP": self.use_group,
-            "USE_COLS": self.use_cols,
-            "USE_TILES": self.use_tiles,
-        }
+            terms = layout.terms.to(device=layout.kv_full_num.device).contiguous()
+            tiles = terms
+            used = [Term(*t) for cls in layout.terms.tolist() for t in cls]
+            self.flags = {
+                "NUM_TERMS": layout.terms.shape[1],
+                "USE_MOD": any(t.mod > 0 for t in used),
+                "USE_GROUP": any(t.gq > 0 for t in used),
+                "USE_COLS": any(t.smod > 0 for t in used),
+            }
+            kv_tile, q_tile = layout.kv_part_idx, layout.q_part_idx
+        self.flags["USE_TILES"] = layout.tiles is not None
+        shared = {"num_classes": layout.num_classes, "q_offset": layout.q_offset}
+        self.kv = _Blocks(
+            layout.kv_full_num, layout.kv_full_idx, layout.kv_part_num, layout.kv_part_idx,
+            kv_tile, terms, tiles, layout.num_q_blocks, layout.kv_full_idx.shape[-1],
+            layout.kv_part_idx.shape[-1], **shared,
+        )  # fmt: skip
+        self.q = _Blocks(
+            layout.q_full_num, layout.q_full_idx, layout.q_part_num, layout.q_part_idx,
+            q_tile, terms, tiles, layout.num_k_blocks, layout.q_full_idx.shape[-1],
+            layout.q_part_idx.shape[-1], **shared,
+        )  # fmt: skip
 
 
 _LAYOUT_ARGS: weakref.WeakKeyDictionary[BlockLayout, _LayoutArgs] = weakref.WeakKeyDictionary()
@@ -808,15 +699,19 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _strides(t: torch.Tensor) -> _Strides:
+    return _Strides(*t.stride()[:3])
+
+
 def _key_mask_args(key_mask, b, h, n_k, fallback):
     """(pointer tensor, strides) of the key mask expanded to [B, H, n_k] (stride 0 where it
     broadcasts), or a placeholder pointer when there is none."""
     if key_mask is None:
-        return fallback, (0, 0, 0)
+        return fallback, _Strides(0, 0, 0)
     if key_mask.dtype != torch.bool:
         raise TypeError(f"key_mask must be a bool tensor, got {key_mask.dtype}")
     km = key_mask.expand(b, h, n_k)
-    return km.view(torch.uint8), km.stride()
+    return km.view(torch.uint8), _Strides(*km.stride())
 
 
 def _exp2(dtype: torch.dtype) -> bool:
@@ -833,7 +728,7 @@ def _scales(q: torch.Tensor, scale: float):
     if q.dtype == torch.float64:
         # Kernel float arguments are fp32: scale q in fp64 here instead.
         return q * scale, 1.0, 1.0
-    return q, scale * _LOG2E if _exp2(q.dtype) else scale, scale
+    return q, scale * _LOG2E.value if _exp2(q.dtype) else scale, scale
 
 
 def _check_grid(q):
@@ -859,8 +754,16 @@ def _config(kernel: str, dtype: torch.dtype, head_dim: int, device: torch.device
     return cfg
 
 
-def _launch_options(cfg: _Config) -> dict:
-    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+def _launch_args(cfg: _Config, head_dim: int) -> dict:
+    """The tile constexprs and launch options of a kernel under this config."""
+    return {
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_D": _block_d(head_dim),
+        "HEAD_DIM": head_dim,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
 
 
 _TL_DTYPES = {
@@ -871,16 +774,18 @@ _TL_DTYPES = {
 }
 
 
-def _dot_args(dtype: torch.dtype) -> dict:
-    """DOT_DTYPE, DOT_PRECISION: the kernels' tl.dot operand dtype and precision; RNE_BF16."""
+def _numerics(dtype: torch.dtype) -> dict:
+    """The kernels' numeric constexprs for inputs of this dtype: ACC_DTYPE (accumulation),
+    EXP2, DOT_DTYPE and DOT_PRECISION (tl.dot operand dtype and precision), RNE_BF16."""
+    acc = {"ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32, "EXP2": _exp2(dtype)}
     if dtype == torch.bfloat16 and _interpreting():
         # Triton's interpreter multiplies bf16 tiles as their uint16 storage and truncates
         # fp32 -> bf16. Widening the operands to fp32 is exact (bf16 x bf16 products fit fp32)
         # and accumulates in fp32, and RNE_BF16 rounds as the GPU does.
-        return {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "ieee", "RNE_BF16": True}
+        return {**acc, "DOT_DTYPE": tl.float32, "DOT_PRECISION": "ieee", "RNE_BF16": True}
     # fp32 gets fp32 products (TF32 would lose 3 decimal digits); ignored for 16-bit operands.
     precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    return {"DOT_DTYPE": _TL_DTYPES[dtype], "DOT_PRECISION": precision, "RNE_BF16": False}
+    return {**acc, "DOT_DTYPE": _TL_DTYPES[dtype], "DOT_PRECISION": precision, "RNE_BF16": False}
 
 
 # --------------------------------------------------------------------------- backend contract
@@ -943,26 +848,14 @@ def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None):
     la = _layout_args(layout)
     qs, qk_scale, _ = _scales(q, scale)
     qs, k, v = _rows_contiguous(qs), _rows_contiguous(k), _rows_contiguous(v)
-    km, km_strides = _key_mask_args(key_mask, b, h, n_k, lse)
-    grid = (layout.num_q_blocks, b * h)
-    _fwd_kernel[grid](
-        qs, k, v, out, lse, km,
-        layout.kv_full_num, layout.kv_full_idx, layout.kv_part_num, layout.kv_part_idx,
-        la.kv_tile, la.terms, la.tiles,
-        qk_scale,
-        *qs.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *km_strides,
-        h, h // h_kv, layout.num_classes, n_q, n_k, layout.q_offset,
-        layout.num_q_blocks, layout.kv_full_idx.shape[-1], layout.kv_part_idx.shape[-1],
-        HAS_KEY_MASK=key_mask is not None,
-        IS_FP64=q.dtype == torch.float64,
-        EXP2=_exp2(q.dtype),
-        **_dot_args(q.dtype),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_D=_block_d(d),
-        HEAD_DIM=d,
-        **la.constexprs(),
-        **_launch_options(cfg),
+    km, stride_mask = _key_mask_args(key_mask, b, h, n_k, lse)
+    _fwd_kernel[(layout.num_q_blocks, b * h)](
+        Q=qs, K=k, V=v, KeyMask=km, Out=out, Lse=lse,
+        stride_q=_strides(qs), stride_k=_strides(k), stride_v=_strides(v),
+        stride_mask=stride_mask, stride_o=_strides(out),
+        layout=la.kv, qk_scale=qk_scale, num_heads=h, group=h // h_kv, n_q=n_q, n_k=n_k,
+        HAS_KEY_MASK=key_mask is not None, **la.flags, **_numerics(q.dtype),
+        **_launch_args(cfg, d),
     )  # fmt: skip
     return out, lse
 
@@ -994,132 +887,28 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
     dout = _rows_contiguous(dout)
     lse = lse.to(acc).contiguous()
     delta = delta.to(acc).contiguous()
-    km, km_strides = _key_mask_args(key_mask, b, h, n_k, lse)
-    strides = (*qs.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *km_strides)
-    flags = dict(
-        HAS_KEY_MASK=key_mask is not None,
-        IS_FP64=q.dtype == torch.float64,
-        EXP2=_exp2(q.dtype),
-        **_dot_args(q.dtype),
-        BLOCK_D=_block_d(d),
-        HEAD_DIM=d,
-    )
+    km, stride_mask = _key_mask_args(key_mask, b, h, n_k, lse)
+    args = dict(
+        Q=qs, K=k, V=v, KeyMask=km, DO=dout, Lse=lse, Delta=delta,
+        stride_q=_strides(qs), stride_k=_strides(k), stride_v=_strides(v),
+        stride_mask=stride_mask, stride_do=_strides(dout),
+        qk_scale=qk_scale, sm_scale=sm_scale, num_heads=h, group=h // h_kv, n_q=n_q, n_k=n_k,
+        HAS_KEY_MASK=key_mask is not None, **_numerics(q.dtype),
+    )  # fmt: skip
 
     cfg = _config("dq", q.dtype, d, q.device)
     layout = layout_fn(cfg.block_m, cfg.block_n)
     la = _layout_args(layout)
     _bwd_dq_kernel[(layout.num_q_blocks, b * h)](
-        qs, k, v, dout, lse, delta, dq, km,
-        layout.kv_full_num, layout.kv_full_idx, layout.kv_part_num, layout.kv_part_idx,
-        la.kv_tile, la.terms, la.tiles,
-        qk_scale, sm_scale, *strides,
-        h, h // h_kv, layout.num_classes, n_q, n_k, layout.q_offset,
-        layout.num_q_blocks, layout.kv_full_idx.shape[-1], layout.kv_part_idx.shape[-1],
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, **la.constexprs(),
-        **_launch_options(cfg),
-    )  # fmt: skip
+        DQ=dq, layout=la.kv, **args, **la.flags, **_launch_args(cfg, d)
+    )
 
     cfg = _config("dkdv", q.dtype, d, q.device)
     layout = layout_fn(cfg.block_m, cfg.block_n)
     la = _layout_args(layout)
     _bwd_dkdv_kernel[(layout.num_k_blocks, b * h_kv)](
-        qs, k, v, dout, lse, delta, dk, dv, km,
-        layout.q_full_num, layout.q_full_idx, layout.q_part_num, layout.q_part_idx,
-        la.q_tile, la.terms, la.tiles,
-        qk_scale, sm_scale, *strides,
-        h, h // h_kv, layout.num_classes, n_q, n_k, layout.q_offset,
-        layout.num_k_blocks, layout.q_full_idx.shape[-1], layout.q_part_idx.shape[-1],
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, **la.constexprs(),
-        **_launch_options(cfg),
-    )  # fmt: skip
+        DK=dk, DV=dv, layout=la.q, **args, **la.flags, **_launch_args(cfg, d)
+    )
     if q.dtype == torch.float64:
         dq = dq * scale
     return dq, dk, dv
-
-
-# --------------------------------------------------------------------------- AOT configs
-_POINTER_TYPES = {
-    "Lse": "*acc",
-    "Delta": "*acc",
-    "DQ": "*acc",
-    "DK": "*acc",
-    "DV": "*acc",
-    "KeyMask": "*u8",
-    "Tiles": "*u8",
-    "FullNum": "*i32",
-    "FullIdx": "*i32",
-    "PartNum": "*i32",
-    "PartIdx": "*i32",
-    "PartTile": "*i32",
-    "Terms": "*i32",
-}
-_IO_POINTERS = ("Q", "K", "V", "Out", "DO")
-
-
-def _signature(kernel, dtype: str) -> dict[str, str]:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in _IO_POINTERS:
-            sig[name] = f"*{dtype}"
-        elif name in _POINTER_TYPES:
-            sig[name] = _POINTER_TYPES[name].replace("acc", "fp32")
-        elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
-        elif name.isupper() or name.startswith(("BLOCK_", "NUM_", "USE_", "HAS_", "IS_")):
-            continue
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def _divisible_by_16(kernel) -> tuple[str, ...]:
-    sig = _signature(kernel, "fp16")
-    return tuple(n for n, t in sig.items() if t.startswith("*") or n.startswith("stride_"))
-
-
-def compile_configs():
-    """Every kernel configuration the launchers can pick, for bench/compile_report.py.
-
-    Per kernel, dtype and BLOCK_D: the heaviest term predicate (two terms with every constraint
-    kind, plus a key mask) and, for fp16, the stored-tile predicate of custom patterns; other
-    predicates only drop code from these. HEAD_DIM is BLOCK_D: smaller head dims of a bucket
-    add masks to the loads of the same tiles.
-    """
-    kernels = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
-    terms = {"NUM_TERMS": 2, "USE_MOD": True, "USE_GROUP": True, "USE_COLS": True}
-    tiles = {"NUM_TERMS": 1, "USE_MOD": False, "USE_GROUP": False, "USE_COLS": False}
-    for (kname, wide, block_d), per_arch in _CONFIGS.items():
-        kernel = kernels[kname]
-        for dtype in ("fp32",) if wide else ("fp16", "bf16"):
-            variants = [("terms", {**terms, "USE_TILES": False})]
-            if dtype == "fp16":
-                variants.append(("tiles", {**tiles, "USE_TILES": True}))
-            for vname, flags in variants:
-                for arch, cfg in per_arch.items():
-                    yield KernelConfig(
-                        name=f"sparse_{kname}[D={block_d},{dtype},{vname},{cfg.block_m}x"
-                        f"{cfg.block_n},w{cfg.num_warps}s{cfg.num_stages},sm{arch}]",
-                        fn=kernel,
-                        signature=_signature(kernel, dtype),
-                        constexprs={
-                            **flags,
-                            "HAS_KEY_MASK": True,
-                            "IS_FP64": False,
-                            "EXP2": not wide,
-                            "DOT_DTYPE": _TL_DTYPES[_TORCH_DTYPES[dtype]],
-                            "DOT_PRECISION": "ieee" if wide else "tf32",
-                            "RNE_BF16": False,
-                            "BLOCK_M": cfg.block_m,
-                            "BLOCK_N": cfg.block_n,
-                            "BLOCK_D": block_d,
-                            "HEAD_DIM": block_d,
-                        },
-                        num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages,
-                        # torch allocations, and strides of [..., D] rows with D % 16 == 0.
-                        divisible_by_16=_divisible_by_16(kernel),
-                        archs=(arch,),
-                    )

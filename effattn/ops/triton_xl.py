@@ -50,14 +50,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from effattn._aot import KernelConfig
-
-__all__ = ["block_config", "xl_check", "compile_configs", "xl_backward", "xl_forward"]
+__all__ = ["block_config", "xl_check", "xl_backward", "xl_forward"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 # Sizes compile once for all values; only D is specialized, and it is always a multiple of 16
-# (_padded), so the variants that run are exactly those compile_configs() lists.
+# (_padded), so the variants that run are exactly those bench/triton_configs.py lists.
 _NO_SPECIALIZE = ["L", "N", "R_LEN", "WINDOW", "H", "GROUP"]
 
 
@@ -144,43 +142,68 @@ def _probs_and_ds(s, ok, lse2, delta, do, v, qk_scale, ACC: tl.constexpr):
     return p, p * (_mm(do, tl.trans(v), ACC) - delta[:, None])
 
 
+@triton.jit
+def _query_prologue(
+    Q, K, V, R, U, VB, L, N, R_LEN, WINDOW, H, GROUP, D,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """The start of a forward or dq program, one per (query block, batch x head).
+
+    Takes the kernel's arguments of the same names. Returns bh (batch x head, int64), pos0 (the
+    absolute position M + i0 of the block's first query), offs_m [BLOCK] (its rows), q + u and
+    q + vb [BLOCK, BLOCK_D] (_query_tile), K and V advanced to the program's kv head, R to its
+    head, and the keys [lo, hi) of the key blocks that hold an allowed distance.
+    """
+    qb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    kv = (bh // H) * (H // GROUP) + h // GROUP
+    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    qu, qv = _query_tile(Q + bh * L * D, U, VB, h, offs_m, offs_d, offs_d < D, L, D, ACC)
+    pos0 = N - L + qb * BLOCK
+    # From the first query's WINDOW - 1 keys back (block-aligned) to the last query's own key.
+    lo = (tl.maximum(pos0 - WINDOW + 1, 0) // BLOCK) * BLOCK
+    hi = tl.minimum(pos0 + BLOCK, N)
+    return bh, pos0, offs_m, qu, qv, K + kv * N * D, V + kv * N * D, R + h * R_LEN * D, lo, hi
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _xl_fwd_kernel(
     Q, K, V, R, U, VB, Scale, Out, Lse,
     L, N, R_LEN, WINDOW, H, GROUP, D,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    qb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    h = bh % H
-    kv = (bh // H) * (H // GROUP) + h // GROUP
-    mem = N - L
-    i0 = qb * BLOCK
-    offs_m = i0 + tl.arange(0, BLOCK)
+    """XL attention of one query block and head. Grid: (cdiv(L, BLOCK), B x H).
+
+    Args:
+        Q [B, H, L, D]; K, V [B, Hkv, N, D] (H = Hkv x GROUP); R [H, R_LEN, D]; U, VB [H, D];
+            Scale [1]: the score scale, in ACC; Out [B, H, L, D]; Lse [B, H, L] in ACC; all
+            contiguous, D a multiple of 16 (_padded).
+        L, N: query and key lengths (M = N - L memory positions); R_LEN: rows of R; WINDOW:
+            allowed distances 0 .. WINDOW - 1; H: heads; GROUP: H / Hkv; D: the head dim.
+        BLOCK: query and key block size; BLOCK_D: D padded to a power of two; ACC: the
+            accumulation dtype (fp32, fp64 for fp64).
+    """
+    bh, pos0, offs_m, qu, qv, K, V, R, lo, hi = _query_prologue(
+        Q, K, V, R, U, VB, L, N, R_LEN, WINDOW, H, GROUP, D, BLOCK, BLOCK_D, ACC
+    )
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     qk_scale = tl.load(Scale).to(ACC) * _LOG2E
-    Q += bh * L * D
-    K += kv * N * D
-    V += kv * N * D
-    R += h * R_LEN * D
-    qu, qv = _query_tile(Q, U, VB, h, offs_m, offs_d, d_ok, L, D, ACC)
-
     m_i = tl.full([BLOCK], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK], ACC)
     acc = tl.zeros([BLOCK, BLOCK_D], ACC)
-    lo = (tl.maximum(mem + i0 - WINDOW + 1, 0) // BLOCK) * BLOCK
-    hi = tl.minimum(mem + i0 + BLOCK, N)
     # The next key block's distances are B lower: its band's hi half is this block's lo half,
     # so each step multiplies one new [B, D] block of r (the band's first hi half comes first).
-    band_hi = _mm(qv, tl.trans(_r_rows(R, mem + i0 - lo + 1, R_LEN, offs_d, d_ok, D, BLOCK)), ACC)
+    band_hi = _mm(qv, tl.trans(_r_rows(R, pos0 - lo + 1, R_LEN, offs_d, d_ok, D, BLOCK)), ACC)
     for start in range(lo, hi, BLOCK):
         offs_k = start + tl.arange(0, BLOCK)
-        r_lo = _r_rows(R, mem + i0 - start - BLOCK + 1, R_LEN, offs_d, d_ok, D, BLOCK)
+        r_lo = _r_rows(R, pos0 - start - BLOCK + 1, R_LEN, offs_d, d_ok, D, BLOCK)
         band_lo = _mm(qv, tl.trans(r_lo), ACC)
         k = _load_rows(K, offs_k, N, offs_d, d_ok, D)
         s = _mm(qu, tl.trans(k), ACC) + _skewed(band_lo, band_hi, BLOCK)
-        s = tl.where(_allowed(offs_m, offs_k, mem, N, WINDOW), s * qk_scale, float("-inf"))
+        s = tl.where(_allowed(offs_m, offs_k, N - L, N, WINDOW), s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -209,6 +232,11 @@ def _xl_bwd_dkdv_kernel(
     L, N, R_LEN, WINDOW, H, GROUP, D,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
+    """dk and dv of one key block and kv head, over the query blocks that reach it and the
+    query heads of its GQA group. Grid: (cdiv(N, BLOCK), B x Hkv).
+
+    DK, DV [B, Hkv, N, D]; the rest as in _xl_bwd_dq_kernel.
+    """
     kb = tl.program_id(0)
     bkv = tl.program_id(1).to(tl.int64)
     h_kv = H // GROUP
@@ -231,18 +259,19 @@ def _xl_bwd_dkdv_kernel(
     for g in range(0, GROUP):
         h = (bkv % h_kv) * GROUP + g
         bh = b * H + h
-        Rh = R + h * R_LEN * D
+        Q_h, DO_h, R_h = Q + bh * L * D, DO + bh * L * D, R + h * R_LEN * D
+        Lse_h, Delta_h = Lse + bh * L, Delta + bh * L
         # The next query block's distances are B higher: its lo half of r is this hi half.
-        r_lo = _r_rows(Rh, mem + lo - j0 - BLOCK + 1, R_LEN, offs_d, d_ok, D, BLOCK)
+        r_lo = _r_rows(R_h, mem + lo - j0 - BLOCK + 1, R_LEN, offs_d, d_ok, D, BLOCK)
         for i0 in range(lo, hi, BLOCK):
             offs_m = i0 + tl.arange(0, BLOCK)
-            qu, qv = _query_tile(Q + bh * L * D, U, VB, h, offs_m, offs_d, d_ok, L, D, ACC)
-            r_hi = _r_rows(Rh, mem + i0 - j0 + 1, R_LEN, offs_d, d_ok, D, BLOCK)
+            qu, qv = _query_tile(Q_h, U, VB, h, offs_m, offs_d, d_ok, L, D, ACC)
+            r_hi = _r_rows(R_h, mem + i0 - j0 + 1, R_LEN, offs_d, d_ok, D, BLOCK)
             s = _mm(qu, tl.trans(k), ACC) + _skewed(
                 _mm(qv, tl.trans(r_lo), ACC), _mm(qv, tl.trans(r_hi), ACC), BLOCK
             )
-            do = _load_rows(DO + bh * L * D, offs_m, L, offs_d, d_ok, D)
-            lse2, delta = _row_stats(Lse + bh * L, Delta + bh * L, offs_m, L)
+            do = _load_rows(DO_h, offs_m, L, offs_d, d_ok, D)
+            lse2, delta = _row_stats(Lse_h, Delta_h, offs_m, L)
             ok = _allowed(offs_m, offs_k, mem, N, WINDOW)
             p, ds = _probs_and_ds(s, ok, lse2, delta, do, v, scale * _LOG2E, ACC)
             dv += _mm(tl.trans(p.to(do.dtype)), do, ACC)
@@ -260,36 +289,32 @@ def _xl_bwd_dq_kernel(
     L, N, R_LEN, WINDOW, H, GROUP, D,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    qb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    h = bh % H
-    kv = (bh // H) * (H // GROUP) + h // GROUP
-    mem = N - L
-    i0 = qb * BLOCK
-    offs_m = i0 + tl.arange(0, BLOCK)
+    """dq of one query block and head, over the key blocks of the forward, and the block's
+    partial sums of du and dvb. Grid: (cdiv(L, BLOCK), B x H).
+
+    DO, DQ [B, H, L, D]; Lse, Delta [B, H, L] in ACC: the forward's lse and rowsum(dout * out)
+    - dlse; DU_part, DVB_part [B x H, cdiv(L, BLOCK), D] in ACC; the rest as in _xl_fwd_kernel.
+    """
+    bh, pos0, offs_m, qu, qv, K, V, R, lo, hi = _query_prologue(
+        Q, K, V, R, U, VB, L, N, R_LEN, WINDOW, H, GROUP, D, BLOCK, BLOCK_D, ACC
+    )
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     scale = tl.load(Scale).to(ACC)
-    K += kv * N * D
-    V += kv * N * D
-    R += h * R_LEN * D
-    qu, qv = _query_tile(Q + bh * L * D, U, VB, h, offs_m, offs_d, d_ok, L, D, ACC)
     do = _load_rows(DO + bh * L * D, offs_m, L, offs_d, d_ok, D)
     lse2, delta = _row_stats(Lse + bh * L, Delta + bh * L, offs_m, L)
     dq_ac = tl.zeros([BLOCK, BLOCK_D], ACC)
     dq_bd = tl.zeros([BLOCK, BLOCK_D], ACC)
-    lo = (tl.maximum(mem + i0 - WINDOW + 1, 0) // BLOCK) * BLOCK
-    hi = tl.minimum(mem + i0 + BLOCK, N)
-    r_hi = _r_rows(R, mem + i0 - lo + 1, R_LEN, offs_d, d_ok, D, BLOCK)
+    r_hi = _r_rows(R, pos0 - lo + 1, R_LEN, offs_d, d_ok, D, BLOCK)
     band_hi = _mm(qv, tl.trans(r_hi), ACC)
     for start in range(lo, hi, BLOCK):  # carrying the band's halves as the forward does
         offs_k = start + tl.arange(0, BLOCK)
-        r_lo = _r_rows(R, mem + i0 - start - BLOCK + 1, R_LEN, offs_d, d_ok, D, BLOCK)
+        r_lo = _r_rows(R, pos0 - start - BLOCK + 1, R_LEN, offs_d, d_ok, D, BLOCK)
         band_lo = _mm(qv, tl.trans(r_lo), ACC)
         k = _load_rows(K, offs_k, N, offs_d, d_ok, D)
         s = _mm(qu, tl.trans(k), ACC) + _skewed(band_lo, band_hi, BLOCK)
         v = _load_rows(V, offs_k, N, offs_d, d_ok, D)
-        ok = _allowed(offs_m, offs_k, mem, N, WINDOW)
+        ok = _allowed(offs_m, offs_k, N - L, N, WINDOW)
         p, ds = _probs_and_ds(s, ok, lse2, delta, do, v, scale * _LOG2E, ACC)
         dq_ac += _mm(ds.to(k.dtype), k, ACC)
         ds_lo, ds_hi = _unskewed(ds, BLOCK)
@@ -303,7 +328,7 @@ def _xl_bwd_dq_kernel(
         (dq_ac + dq_bd).to(DQ.dtype.element_ty),
         mask=(offs_m[:, None] < L) & d_ok[None, :],
     )
-    part = (bh * tl.num_programs(0) + qb) * D + offs_d
+    part = (bh * tl.num_programs(0) + tl.program_id(0)) * D + offs_d
     tl.store(DU_part + part, tl.sum(dq_ac, 0), mask=d_ok)
     tl.store(DVB_part + part, tl.sum(dq_bd, 0), mask=d_ok)
 
@@ -314,6 +339,13 @@ def _xl_bwd_dr_kernel(
     L, N, R_LEN, WINDOW, H, GROUP, D, DIAG0,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
+    """The gradient of the r band of one block diagonal qb - kb = DIAG0 + program 0, for one
+    batch x head. Grid: (number of diagonals, B x H).
+
+    DR_part [B x H, diagonals, 2 BLOCK, D] in ACC: the band's two halves, rows of distances
+    M - BLOCK + 1 + (DIAG0 + program) BLOCK onwards (_fold_bands sums them into dr); the rest
+    as in _xl_bwd_dq_kernel.
+    """
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     h = bh % H
@@ -356,12 +388,7 @@ def _xl_bwd_dr_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
-_TL_DTYPES = {
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float32: "fp32",
-    torch.float64: "fp64",
-}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _interpreting() -> bool:
@@ -405,7 +432,7 @@ def block_config(head_dim: int, dtype: torch.dtype, *, kernel: str = "fwd", inte
 
 def xl_check(q: torch.Tensor) -> None:
     """Raise ValueError / TypeError for inputs this backend cannot serve."""
-    if q.dtype not in _TL_DTYPES:
+    if q.dtype not in _DTYPES:
         raise TypeError(f"the triton backend takes fp16, bf16, fp32 or fp64, got {q.dtype}")
     if q.is_cuda:
         if q.dtype == torch.float64:
@@ -427,15 +454,21 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _setup(q, k, r, scale, window):
-    """(sizes for the kernels, the scale as a 1-element tensor).
+    """(the kernels' size arguments, the scale as a 1-element tensor).
 
     The scale travels as a tensor: a Python float argument would be an fp32 scalar, too
     coarse for the fp64 path.
     """
-    h, n_q = q.shape[1], q.shape[2]
-    n_k = k.shape[2]
-    win = n_k if window is None else min(int(window), n_k)
-    sizes = (n_q, n_k, r.shape[1], win, h, h // k.shape[1], q.shape[3])
+    h, n_k = q.shape[1], k.shape[2]
+    sizes = {
+        "L": q.shape[2],
+        "N": n_k,
+        "R_LEN": r.shape[1],
+        "WINDOW": n_k if window is None else min(int(window), n_k),
+        "H": h,
+        "GROUP": h // k.shape[1],
+        "D": q.shape[3],
+    }
     scale_t = torch.tensor([scale], dtype=_acc(q.dtype), device=q.device)
     return sizes, scale_t
 
@@ -483,7 +516,9 @@ def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None):
     lse = torch.empty(b, h, n_q, dtype=_acc(q.dtype), device=q.device)
     if out.numel():
         grid = (triton.cdiv(n_q, block), b * h)
-        _xl_fwd_kernel[grid](q, k, v, r, u, vb, scale_t, out, lse, *sizes, **meta)
+        _xl_fwd_kernel[grid](
+            Q=q, K=k, V=v, R=r, U=u, VB=vb, Scale=scale_t, Out=out, Lse=lse, **sizes, **meta
+        )
     return _unpadded(out, d), lse
 
 
@@ -520,22 +555,24 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
     q, k, v, r, u, vb, dout = _padded((q, k, v, r, u, vb, dout))
     lse, delta = lse.contiguous(), delta.to(lse.dtype).contiguous()
     sizes, scale_t = _setup(q, k, r, scale, window)
-    n_q, n_k, n_r, win = sizes[:4]
+    n_q, n_k, n_r, win = sizes["L"], sizes["N"], sizes["R_LEN"], sizes["WINDOW"]
     b, h, _, d = q.shape
     acc = _acc(q.dtype)
-    args = (q, k, v, r, u, vb, scale_t, dout, lse, delta)
+    inputs = dict(Q=q, K=k, V=v, R=r, U=u, VB=vb, Scale=scale_t, DO=dout, Lse=lse, Delta=delta)
 
     block, meta = _launch(q, "bwd_dkdv")
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     grid = (triton.cdiv(n_k, block), b * k.shape[1])
-    _xl_bwd_dkdv_kernel[grid](*args, dk, dv, *sizes, **meta)
+    _xl_bwd_dkdv_kernel[grid](**inputs, DK=dk, DV=dv, **sizes, **meta)
 
     block, meta = _launch(q, "bwd_dq")
     n_qb = triton.cdiv(n_q, block)
     dq = torch.empty_like(q)
     du_part = torch.empty(b * h, n_qb, d, dtype=acc, device=q.device)
     dvb_part = torch.empty_like(du_part)
-    _xl_bwd_dq_kernel[(n_qb, b * h)](*args, dq, du_part, dvb_part, *sizes, **meta)
+    _xl_bwd_dq_kernel[(n_qb, b * h)](
+        **inputs, DQ=dq, DU_part=du_part, DVB_part=dvb_part, **sizes, **meta
+    )
     du = du_part.view(b, h, n_qb, d).sum((0, 2))
     dvb = dvb_part.view(b, h, n_qb, d).sum((0, 2))
 
@@ -548,44 +585,7 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
     e_hi = min(n_qb - 1, (win - 1 - mem + block - 1) // block)
     n_diag = e_hi - e_lo + 1
     dr_part = torch.empty(b * h, n_diag, 2 * block, d, dtype=acc, device=q.device)
-    _xl_bwd_dr_kernel[(n_diag, b * h)](*args, dr_part, *sizes, e_lo, **meta)
+    _xl_bwd_dr_kernel[(n_diag, b * h)](**inputs, DR_part=dr_part, DIAG0=e_lo, **sizes, **meta)
     dr = _fold_bands(dr_part.view(b, h, n_diag, 2 * block, d), mem - block + 1 + e_lo * block, n_r)
     grads = (dq, dk, dv, dr.to(r.dtype), du.to(u.dtype), dvb.to(vb.dtype))
     return tuple(_unpadded(g, d_in) for g in grads)
-
-
-# --------------------------------------------------------------------------- AOT configs
-_KERNELS = {
-    "fwd": (_xl_fwd_kernel, ("Out", "Lse")),
-    "bwd_dkdv": (_xl_bwd_dkdv_kernel, ("DO", "Lse", "Delta", "DK", "DV")),
-    "bwd_dq": (_xl_bwd_dq_kernel, ("DO", "Lse", "Delta", "DQ", "DU_part", "DVB_part")),
-    "bwd_dr": (_xl_bwd_dr_kernel, ("DO", "Lse", "Delta", "DR_part")),
-}
-_FP32_PTRS = {"Scale", "Lse", "Delta", "DU_part", "DVB_part", "DR_part"}
-_INTS = ("L", "N", "R_LEN", "WINDOW", "H", "GROUP", "D", "DIAG0")
-
-
-def compile_configs():
-    """Every (kernel, dtype, head-dim bucket) the GPU dispatcher launches, for
-    bench/compile_report.py. Head dims are padded to a multiple of 16 in memory (so D % 16 == 0
-    is the only specialization that runs) and to the next power of two in registers
-    (BLOCK_D): 41 runs as 48 in the bucket 64, 80 and 96 in the bucket 128."""
-    for block_d in (16, 32, 64, 128, 256):
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            if dtype == torch.float32 and block_d > FP32_MAX_HEAD_DIM:
-                continue
-            ty = _TL_DTYPES[dtype]
-            for label, (fn, outs) in _KERNELS.items():
-                block, warps, stages = block_config(block_d, dtype, kernel=label)
-                ptrs = ("Q", "K", "V", "R", "U", "VB", "Scale", *outs)
-                sig = {n: "*fp32" if n in _FP32_PTRS else f"*{ty}" for n in ptrs}
-                sig.update({n: "i32" for n in _INTS if n in fn.arg_names})
-                yield KernelConfig(
-                    name=f"xl_{label}[D<={block_d},{ty}]",
-                    fn=fn,
-                    signature=sig,
-                    constexprs={"BLOCK": block, "BLOCK_D": block_d, "ACC": tl.float32},
-                    num_warps=warps,
-                    num_stages=stages,
-                    divisible_by_16=(*ptrs, "D"),
-                )

@@ -1,9 +1,11 @@
 """Ahead-of-time (AOT) compilation of Triton kernels for a GPU architecture, without a GPU.
 
-Used by ``bench/compile_report.py`` and by tests to check every shipped kernel configuration for
-register spills and shared memory on sm_80 (A100) and sm_90 (H100) on machines with no GPU.
+Development tooling, not part of the installed package: ``bench/compile_report.py`` and the
+tests use it to check every shipped kernel configuration (listed in ``bench/triton_configs.py``)
+for register spills and shared memory on sm_80 (A100) and sm_90 (H100) on machines with no GPU.
+Scripts in bench/ import it as ``aot`` (bench/ is their ``sys.path[0]``; tests add it).
 
-    from effattn._aot import aot_compile
+    from aot import aot_compile
     info = aot_compile(kernel, {"X": "*fp16", "N": "i32"}, {"BLOCK": 128}, arch=80,
                        num_warps=4, num_stages=3)
     info["regs"], info["spills"], info["smem"]
@@ -11,13 +13,14 @@ register spills and shared memory on sm_80 (A100) and sm_90 (H100) on machines w
     rows = aot_compile_configs([KernelConfig("name", kernel, sig, cst, 4, 3), ...], (80, 90))
 
 Here ``signature`` may leave out the constexpr parameters (those in ``constexprs``, or with a
-default value in the kernel's definition, as the JIT does); every other parameter needs a type.
+default value in the kernel's definition, as the JIT does); every other parameter needs a type,
+a NamedTuple of type strings for a NamedTuple parameter (as the JIT derives from the argument).
 Pointers are assumed 16-byte aligned (``tt.divisibility``) unless ``divisible_by_16`` says
 otherwise.
 
 Under ``TRITON_INTERPRET=1`` (tests/conftest.py sets it without a GPU) Triton's own library
 functions are interpreter objects and nothing can be compiled in that process; the compilation
-then runs in a child ``python -m effattn._aot`` without the variable, which re-imports the
+then runs in a child ``python bench/aot.py`` without the variable, which re-imports the
 kernel as ``module.qualname`` (so kernels must be defined at module level).  Batch calls with
 ``aot_compile_configs`` (one child for the batch); each child costs an import of torch/triton.
 
@@ -31,11 +34,14 @@ Triton's API used here (identical in Triton 3.6 and 3.9; checked against both wh
     ``"*u8"``, ``"*i1"`` (pointers; ``"*k..."`` is a const pointer), scalars ``"i1"``, ``"i8"``,
     ``"i16"``, ``"i32"``, ``"i64"``, ``"u8"`` ... ``"u64"``, ``"fp16"``, ``"bf16"``, ``"fp32"``,
     ``"fp64"``, fp8 types ``"fp8e4nv"``, ``"fp8e5"``, ..., and ``"constexpr"`` for every
-    ``tl.constexpr`` parameter (``triton.language.str_to_ty``).
-  - ``constexprs``: ``dict`` keyed by parameter name (or by a tuple of parameter indices) with
-    the constexpr values.  Every parameter typed ``"constexpr"`` in ``signature`` needs a value.
-  - ``attrs``: ``dict`` keyed by a tuple of parameter indices, ``{(2,): [["tt.divisibility", 16]]}``
-    -- what the JIT infers for 16-byte aligned pointers and integers divisible by 16.
+    ``tl.constexpr`` parameter (``triton.language.str_to_ty``).  A tuple parameter takes a tuple
+    of them, of the argument's own type for a NamedTuple (whose fields the kernel reads by name).
+  - ``constexprs``: ``dict`` keyed by parameter name (or by a path: a tuple of parameter and
+    element indices) with the constexpr values.  Every parameter typed ``"constexpr"`` in
+    ``signature`` needs a value.
+  - ``attrs``: ``dict`` keyed by path, ``{(2,): [["tt.divisibility", 16]]}`` (element j of a tuple
+    parameter i: ``(i, j)``) -- what the JIT infers for 16-byte aligned pointers and integers
+    divisible by 16.
   - ``@triton.jit`` functions must be defined in a source file (``inspect.getsource``).
 
 * ``triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"num_warps": 4,
@@ -96,17 +102,18 @@ REGS_PER_SM = 64 * 1024
 
 
 class KernelConfig(NamedTuple):
-    """One shipped Triton kernel configuration, as contributed to ``bench/compile_report.py``.
+    """One shipped Triton kernel configuration, as listed in ``bench/triton_configs.py``.
 
     ``signature`` may leave out the constexpr parameters (every key of ``constexprs`` is typed
     ``"constexpr"`` automatically).  ``divisible_by_16`` names the pointer/integer parameters the
     JIT would see as 16-divisible (``None``: every pointer parameter, the usual case for torch
-    allocations).  ``archs`` restricts the architectures (``None``: all of ``ARCHS``).
+    allocations); ``"name.field"`` selects one field of a NamedTuple parameter.  ``archs``
+    restricts the architectures (``None``: all of ``ARCHS``).
     """
 
     name: str
     fn: Any
-    signature: Mapping[str, str]
+    signature: Mapping[str, Any]
     constexprs: Mapping[str, Any]
     num_warps: int = 4
     num_stages: int = 3
@@ -232,15 +239,43 @@ def _full_signature(fn, signature: Mapping[str, str], constexprs: Mapping[str, A
     return {n: sig[n] for n in names}, cst
 
 
-def _divisibility_attrs(names: list[str], sig: Mapping[str, str], div16: Iterable[str] | None):
+def _leaves(ty, path: tuple[int, ...]):
+    """(path, type string) of each element of a signature type: a string, or a (named) tuple of
+    them for a tuple parameter, whose element j of parameter i has the path (i, j)."""
+    if isinstance(ty, tuple):
+        for j, t in enumerate(ty):
+            yield from _leaves(t, (*path, j))
+    else:
+        yield path, ty
+
+
+def _divisibility_attrs(names: list[str], sig: Mapping[str, Any], div16: Iterable[str] | None):
+    """``tt.divisibility`` 16 for the elements the JIT would find 16-divisible, keyed by path.
+
+    ``div16`` names parameters (each of their elements) or ``name.field`` (one field of a
+    NamedTuple parameter); ``None`` selects every pointer. Constexpr elements carry no attribute.
+    """
     if div16 is None:
-        div16 = [n for n in names if sig[n].startswith("*")]
-    attrs = {}
-    for n in div16:
-        if n not in sig:
-            raise ValueError(f"divisible_by_16: unknown parameter {n!r}")
-        attrs[(names.index(n),)] = [["tt.divisibility", 16]]
-    return attrs
+        selected = [
+            leaf
+            for i, n in enumerate(names)
+            for leaf in _leaves(sig[n], (i,))
+            if leaf[1].startswith("*")
+        ]
+    else:
+        selected = []
+        for entry in div16:
+            name, _, field = entry.partition(".")
+            if name not in sig:
+                raise ValueError(f"divisible_by_16: unknown parameter {name!r}")
+            ty, path = sig[name], (names.index(name),)
+            if field:
+                fields = getattr(type(ty), "_fields", ())
+                if field not in fields:
+                    raise ValueError(f"divisible_by_16: {name!r} has no field {field!r}")
+                ty, path = getattr(ty, field), (*path, fields.index(field))
+            selected += _leaves(ty, path)
+    return {path: [["tt.divisibility", 16]] for path, ty in selected if ty != "constexpr"}
 
 
 def _cache_dir(kernel) -> Path | None:
@@ -427,7 +462,7 @@ def _compile_local(kernel, signature, constexprs, attrs, arch, options) -> dict[
 
 
 # --------------------------------------------------------------------------------------------
-# Child process for TRITON_INTERPRET=1 sessions: `python -m effattn._aot IN.pkl OUT.pkl`
+# Child process for TRITON_INTERPRET=1 sessions: `python bench/aot.py IN.pkl OUT.pkl`
 # --------------------------------------------------------------------------------------------
 
 
@@ -450,7 +485,7 @@ def _compile_in_subprocess(calls: list[dict]) -> list[tuple[str, Any]]:
         inp, out = Path(d, "in.pkl"), Path(d, "out.pkl")
         inp.write_bytes(pickle.dumps(wire))
         res = subprocess.run(
-            [sys.executable, "-m", "effattn._aot", str(inp), str(out)],
+            [sys.executable, __file__, str(inp), str(out)],
             env=env,
             capture_output=True,
             text=True,
