@@ -441,8 +441,8 @@ def test_fixed_summary_part_joins_in_kernel(monkeypatch, small_blocks):
         states.append(state is not None)
         return sparse_forward(*args, state=state, **kwargs)
 
-    sparse_forward = cpu.sparse_forward
-    monkeypatch.setattr(cpu, "sparse_forward", spy)
+    sparse_forward = cpu.run_sparse_forward
+    monkeypatch.setattr(cpu, "run_sparse_forward", spy)
     kpm = _padding(2, n)
     inputs = list(_qkv(2, 4, 2, n, n, 24, seed=3))
     out, lse = _sparse(pattern, kpm, "cpu")(*inputs)
@@ -512,3 +512,13 @@ def test_unknown_instruction_set(monkeypatch):
     q, k, v = _qkv(1, 1, 1, 20, 20, 16, dtype=torch.float32)
     with pytest.raises(ValueError, match="sve9"):
         effattn.sparse_attention(q, k, v, patterns.causal(), backend="cpu")
+
+
+def test_backward_with_no_queries_gives_zero_key_gradients():
+    """Nq = 0, Nk > 0: dk and dv are zeros, never uninitialised memory."""
+    q = torch.randn(1, 2, 0, 16)
+    k = torch.randn(1, 2, 40, 16)
+    lse = torch.zeros(1, 2, 0)
+    lay = patterns.causal().layout(0, 40, 64, 64)
+    dq, dk, dv = cpu.sparse_backward(q, k, k, q, lse, lse, lambda bm, bn: lay, scale=0.25)
+    assert dq.shape == q.shape and bool((dk == 0).all()) and bool((dv == 0).all())

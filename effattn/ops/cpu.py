@@ -31,6 +31,10 @@ __all__ = [
     "check",
     "isas",
     "plan_blocks",
+    "run_sparse_backward",
+    "run_sparse_forward",
+    "run_xl_backward",
+    "run_xl_forward",
     "sparse_backward",
     "sparse_forward",
     "xl_backward",
@@ -257,6 +261,13 @@ def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None, state=Non
         row for a query without visible keys; with ``state``, its two tensors.
     """
     check(q, k, v)
+    if state is not None:
+        state = _check_state(state, q, _acc(q.dtype))
+    return run_sparse_forward(q, k, v, layout_fn, scale=scale, key_mask=key_mask, state=state)
+
+
+def run_sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None, state=None):
+    """:func:`sparse_forward` on inputs already validated (what the dispatcher calls)."""
     b, h, n_q, d = q.shape
     acc = _acc(q.dtype)
     if state is None:
@@ -264,7 +275,7 @@ def sparse_forward(q, k, v, layout_fn, *, scale: float, key_mask=None, state=Non
         out = torch.empty(b, h, n_q, d, dtype=acc)
         lse = torch.empty(b, h, n_q, dtype=acc)
     else:
-        out, lse = _check_state(state, q, acc)
+        out, lse = state
     if out.numel():
         qc, kc, vc = q.to(acc), k.to(acc), v.to(acc)
         args, keep = _sparse_args(
@@ -292,22 +303,28 @@ def sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_m
     """
     check(q, k, v)
     _check_backward(q, dout, lse, delta)
+    return run_sparse_backward(q, k, v, dout, lse, delta, layout_fn, scale=scale, key_mask=key_mask)
+
+
+def run_sparse_backward(q, k, v, dout, lse, delta, layout_fn, *, scale: float, key_mask=None):
+    """:func:`sparse_backward` on inputs already validated (what the dispatcher calls)."""
     acc = _acc(q.dtype)
+    if q.numel() == 0 or k.numel() == 0:
+        return tuple(torch.zeros(t.shape, dtype=acc) for t in (q, k, v))
     # The kernel writes every element.
     dq = torch.empty(q.shape, dtype=acc)
     dk = torch.empty(k.shape, dtype=acc)
     dv = torch.empty(v.shape, dtype=acc)
-    if dq.numel() and dk.numel():
-        qc, kc, vc, doc = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
-        lse_c = lse.to(device="cpu", dtype=acc).contiguous()
-        delta_c = delta.to(device="cpu", dtype=acc).contiguous()
-        args, keep = _sparse_args(
-            qc, kc, vc, layout_fn, scale, key_mask,
-            dout=doc.data_ptr(), sdo=doc.stride(), lse_in=lse_c.data_ptr(),
-            delta=delta_c.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
-        )  # fmt: skip
-        _ext().cpu_sparse_backward(args, ISA or "")
-        del keep
+    qc, kc, vc, doc = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    lse_c = lse.to(device="cpu", dtype=acc).contiguous()
+    delta_c = delta.to(device="cpu", dtype=acc).contiguous()
+    args, keep = _sparse_args(
+        qc, kc, vc, layout_fn, scale, key_mask,
+        dout=doc.data_ptr(), sdo=doc.stride(), lse_in=lse_c.data_ptr(),
+        delta=delta_c.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(),
+    )  # fmt: skip
+    _ext().cpu_sparse_backward(args, ISA or "")
+    del keep
     return dq, dk, dv
 
 
@@ -360,6 +377,11 @@ def xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None = None):
         out [B, H, L, D] (q.dtype) and lse [B, H, L] (fp32, fp64 for fp64).
     """
     _check_xl(q, k, v, r, u, vb, window)
+    return run_xl_forward(q, k, v, r, u, vb, scale=scale, window=window)
+
+
+def run_xl_forward(q, k, v, r, u, vb, *, scale: float, window: int | None = None):
+    """:func:`xl_forward` on inputs already validated (what the dispatcher calls)."""
     b, h, n_q, d = q.shape
     acc = _acc(q.dtype)
     out = torch.empty(b, h, n_q, d, dtype=acc)
@@ -387,6 +409,11 @@ def xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, windo
     """
     _check_xl(q, k, v, r, u, vb, window)
     _check_backward(q, dout, lse, delta)
+    return run_xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, scale=scale, window=window)
+
+
+def run_xl_backward(q, k, v, r, u, vb, out, dout, lse, delta, *, scale: float, window=None):
+    """:func:`xl_backward` on inputs already validated (what the dispatcher calls)."""
     acc = _acc(q.dtype)
     grads = [torch.zeros(t.shape, dtype=acc) for t in (q, k, v, r, u, vb)]
     if q.numel():

@@ -99,20 +99,20 @@ class CpuBackend(Backend):
         return self._kernels().plan_blocks(q)
 
     def sparse_forward(self, q, k, v, layout_fn, *, scale, key_mask=None, state=None):
-        return self._kernels().sparse_forward(
+        return self._kernels().run_sparse_forward(
             q, k, v, layout_fn, scale=scale, key_mask=key_mask, state=state
         )
 
     def sparse_backward(self, q, k, v, dout, lse, delta, layout_fn, *, scale, key_mask=None):
-        return self._kernels().sparse_backward(
+        return self._kernels().run_sparse_backward(
             q, k, v, dout, lse, delta, layout_fn, scale=scale, key_mask=key_mask
         )
 
     def xl_forward(self, q, k, v, r, u, vb, *, scale, window):
-        return self._kernels().xl_forward(q, k, v, r, u, vb, scale=scale, window=window)
+        return self._kernels().run_xl_forward(q, k, v, r, u, vb, scale=scale, window=window)
 
     def xl_backward(self, q, k, v, r, u, vb, out, dout, lse, delta, *, scale, window):
-        return self._kernels().xl_backward(
+        return self._kernels().run_xl_backward(
             q, k, v, r, u, vb, out, dout, lse, delta, scale=scale, window=window
         )
 
