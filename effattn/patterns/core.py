@@ -30,6 +30,7 @@ import torch
 
 from effattn.patterns import count
 from effattn.patterns.layout import BlockLayout, custom_layout, layout_to, term_layout
+from effattn.patterns.plot import plot
 from effattn.patterns.terms import BIG, GROUP_EQ, NotExpressible, Term, and_terms, or_terms
 
 __all__ = [
@@ -222,8 +223,6 @@ class Pattern:
     # ----------------------------------------------------------------- pictures
     def plot(self, n: int = 256, block: int = 32, **kwargs):
         """Draw one head's element mask with its block grid: see :func:`effattn.patterns.plot.plot`."""
-        from effattn.patterns.plot import plot
-
         return plot(self, n, block, **kwargs)
 
 
