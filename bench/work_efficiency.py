@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from effattn import patterns  # noqa: E402
-from effattn.decompose import work_efficiency  # noqa: E402
+from effattn.decompose import planned_work_efficiency  # noqa: E402
 
 
 def main() -> None:
@@ -27,8 +27,8 @@ def main() -> None:
     for p in (patterns.strided(128), patterns.fixed(128, 16), patterns.fixed(128, 32)):
         for n in args.n:
             for b in args.blocks:
-                natural = p.work_efficiency(n, n, b, b)
-                planned = work_efficiency(p, n, n, b, b)
+                natural = p.natural_work_efficiency(n, n, b, b)
+                planned = planned_work_efficiency(p, n, n, b, b)
                 print(
                     f"| {p.name} | {n} | {b} | {p.density(n):.4f} | {natural:.3f} | {planned:.3f} |"
                 )

@@ -25,7 +25,6 @@ from effattn import _extension
 __all__ = [
     "BLOCK_M",
     "BLOCK_N",
-    "RESUMES",
     "XL_BLOCK_M",
     "XL_BLOCK_N",
     "check",
@@ -49,8 +48,6 @@ BLOCK_N = 64
 XL_BLOCK_M = 64
 XL_BLOCK_N = 64
 
-RESUMES = True
-"""sparse_forward takes ``state``: a part joins its result into another's (no merge)."""
 
 ISA: str | None = None
 """Instruction set of the kernels: None for the widest this CPU runs (see :func:`isas`)."""
