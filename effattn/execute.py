@@ -12,6 +12,9 @@ accumulation dtype and rounded to the inputs' dtypes once, at the end.
 Parts whose rows are the strided pattern's chunks (``Part.chunk``) move rows with views:
 padded and transposed (:func:`_to_chunks`), or, when every slot is a real row, folded into
 B * H * l sequences of m rows on strided views (:func:`_fold`) that read q, k, v in place.
+
+A plan split per head class (``Part.heads``) runs each class's parts on that class's heads
+(and the key / value heads they read), then writes the results back into the heads' places.
 """
 
 from __future__ import annotations
@@ -106,6 +109,37 @@ def _gather_part(part: Part, q, k, v, kpm):
     return q, k, v, key_mask
 
 
+# --------------------------------------------------------------------------- head classes
+def _head_groups(parts: tuple[Part, ...]) -> list[tuple[tuple[int, int] | None, list[Part]]]:
+    """The plan's parts by the heads they serve: [(None, parts)] unless split per head class."""
+    groups: dict[tuple[int, int] | None, list[Part]] = {}
+    for part in parts:
+        groups.setdefault(part.heads, []).append(part)
+    return list(groups.items())
+
+
+def _kv_heads(h: int, h_kv: int, c: int, period: int, device):
+    """The key / value heads that query heads c, c + period, ... read, in their order: every kv
+    head (each serving several of them), a strided slice, or (irregular groups) an index."""
+    group = h // h_kv
+    if group % period == 0:
+        return slice(None)
+    if period % group == 0:
+        return slice(c // group, None, period // group)
+    return (c + period * torch.arange(h // period, device=device)) // group
+
+
+def _take(t: torch.Tensor, sel) -> torch.Tensor:
+    return (t[:, sel] if isinstance(sel, slice) else t.index_select(1, sel)).contiguous()
+
+
+def _add_heads(total: torch.Tensor, sel, g: torch.Tensor) -> None:
+    if isinstance(sel, slice):
+        total[:, sel] += g
+    else:
+        total.index_add_(1, sel, g)
+
+
 # --------------------------------------------------------------------------- forward
 def _merge(out, lse, o, part_lse):
     """(out, lse) of the union of two disjoint key sets from each one's; updates out in place
@@ -146,9 +180,24 @@ def sparse_forward(backend: Backend, q, k, v, kpm, pattern: Pattern, scale: floa
         lse = torch.full((b, h, n_q), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
         return q.new_zeros(q.shape), lse
     k, v = _hide_keys(k, v, kpm)
+    groups = _head_groups(_parts(backend, pattern, q, k))
+    if groups[0][0] is None:
+        return _forward(backend, groups[0][1], q, k, v, kpm, scale)
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, n_q, dtype=acc_dtype(q.dtype), device=q.device)
+    for (c, period), parts in groups:
+        sel = _kv_heads(h, k.shape[1], c, period, q.device)
+        qc, kc, vc = _take(q, slice(c, None, period)), _take(k, sel), _take(v, sel)
+        out[:, c::period], lse[:, c::period] = _forward(backend, parts, qc, kc, vc, kpm, scale)
+    return out, lse
+
+
+def _forward(backend: Backend, parts: list[Part], q, k, v, kpm, scale: float):
+    """(out, lse) of a plan's parts that serve every head of q (hidden keys already zeroed)."""
+    b, h, n_q, d = q.shape
     out = lse = None
-    for part in _parts(backend, pattern, q, k):
-        fold = out is not None and _foldable(part, q, k, v, kpm)
+    for part in parts:
+        fold = _foldable(part, q, k, v, kpm)
         if fold:
             qp, kp, vp = (_fold(part, t) for t in (q, k, v))
             km = None
@@ -162,6 +211,10 @@ def sparse_forward(backend: Backend, q, k, v, kpm, pattern: Pattern, scale: floa
             backend.sparse_forward(qp, kp, vp, layout_for, scale=scale, key_mask=km, state=state)
             continue
         o, part_lse = backend.sparse_forward(qp, kp, vp, layout_for, scale=scale, key_mask=km)
+        if fold and out is None:
+            out = _unfold(o, b, h).reshape(b, h, n_q, d)
+            lse = _unfold(part_lse, b, h).reshape(b, h, n_q)
+            continue
         if fold:
             m_rows = part.n_q // part.chunk
             out5, lse5 = _merge(
@@ -193,9 +246,30 @@ def sparse_backward(backend: Backend, dout, dlse, q, k, v, out, lse, kpm, patter
     if dlse is not None:
         delta = delta - dlse.to(acc)
     lse = lse.to(acc)
+    groups = _head_groups(_parts(backend, pattern, q, k))
+    if groups[0][0] is None:
+        dq, dk, dv = _backward(backend, groups[0][1], dout, q, k, v, lse, delta, kpm, scale)
+    else:
+        dq, dk, dv = _zero_grads(q, k, v, acc)
+        h = q.shape[1]
+        for (c, period), parts in groups:
+            heads = slice(c, None, period)
+            sel = _kv_heads(h, k.shape[1], c, period, q.device)
+            dout_c, q_c, lse_c, delta_c = (_take(t, heads) for t in (dout, q, lse, delta))
+            k_c, v_c = _take(k, sel), _take(v, sel)
+            g = _backward(backend, parts, dout_c, q_c, k_c, v_c, lse_c, delta_c, kpm, scale)
+            dq[:, heads] = g[0]
+            _add_heads(dk, sel, g[1])
+            _add_heads(dv, sel, g[2])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _backward(backend: Backend, parts: list[Part], dout, q, k, v, lse, delta, kpm, scale):
+    """(dq, dk, dv) in the accumulation dtype of a plan's parts that serve every head of q."""
+    acc = acc_dtype(q.dtype)
     # (dq, dk, dv) summed over the parts so far, in the accumulation dtype.
     grads = None
-    for part in _parts(backend, pattern, q, k):
+    for part in parts:
         if _foldable(part, q, k, v, kpm):
             qf, kf, vf, dof = (_fold(part, t) for t in (q, k, v, dout))
             lsef, deltaf = (_fold(part, t).contiguous() for t in (lse, delta))
@@ -227,8 +301,7 @@ def sparse_backward(backend: Backend, dout, dlse, q, k, v, out, lse, kpm, patter
         dq += _part_rows(part, dqp, q.shape[2], k.shape[2])
         _add_key_grads(part, dk, dkp)
         _add_key_grads(part, dv, dvp)
-    dq, dk, dv = grads or _zero_grads(q, k, v, acc)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return grads or _zero_grads(q, k, v, acc)
 
 
 def _zero_grads(q, k, v, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
