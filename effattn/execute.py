@@ -53,14 +53,20 @@ def _from_chunks(t: torch.Tensor, part: Part, front: int, n: int) -> torch.Tenso
 
 def _foldable(part: Part, q, k, v, kpm) -> bool:
     """Whether the chunk part can run as B * H * l sequences of m rows on views of q, k, v:
-    every slot a real row, no key mask, one kv head per query head, (B, H) foldable."""
+    every slot a real row, no key mask, one kv head per query head, (B, H) foldable into one
+    dimension without a copy (so also every other head of a per-class plan)."""
     return (
         part.folded is not None
         and kpm is None
         and q.shape[1] == k.shape[1]
         and q.shape[2] == k.shape[2] == part.n_q
-        and all(t.is_contiguous() for t in (q, k, v))
+        and all(_merges_batch_and_heads(t) for t in (q, k, v))
     )
+
+
+def _merges_batch_and_heads(t: torch.Tensor) -> bool:
+    rows = t.stride(3) == 1 and t.stride(2) == t.shape[3]
+    return rows and (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1))
 
 
 def _fold(part: Part, t: torch.Tensor) -> torch.Tensor:
@@ -130,7 +136,8 @@ def _kv_heads(h: int, h_kv: int, c: int, period: int, device):
 
 
 def _take(t: torch.Tensor, sel) -> torch.Tensor:
-    return (t[:, sel] if isinstance(sel, slice) else t.index_select(1, sel)).contiguous()
+    """Heads ``sel`` of t: a view for a slice (kernels take any strides), else a gather."""
+    return t[:, sel] if isinstance(sel, slice) else t.index_select(1, sel)
 
 
 def _add_heads(total: torch.Tensor, sel, g: torch.Tensor) -> None:
@@ -182,20 +189,27 @@ def sparse_forward(backend: Backend, q, k, v, kpm, pattern: Pattern, scale: floa
     k, v = _hide_keys(k, v, kpm)
     groups = _head_groups(_parts(backend, pattern, q, k))
     if groups[0][0] is None:
-        return _forward(backend, groups[0][1], q, k, v, kpm, scale)
-    out = torch.empty_like(q)
-    lse = torch.empty(b, h, n_q, dtype=acc_dtype(q.dtype), device=q.device)
+        out, lse = _forward(backend, groups[0][1], q, k, v, kpm, scale)
+        return out.to(q.dtype).contiguous(), lse.contiguous()
+    # Each head class writes its heads of (out, lse) in place: a joining backend extends them
+    # from the empty result (zero rows, lse -inf), the others' results are copied in.
+    acc = acc_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full((b, h, n_q), float("-inf"), dtype=acc, device=q.device)
     for (c, period), parts in groups:
         sel = _kv_heads(h, k.shape[1], c, period, q.device)
         qc, kc, vc = _take(q, slice(c, None, period)), _take(k, sel), _take(v, sel)
-        out[:, c::period], lse[:, c::period] = _forward(backend, parts, qc, kc, vc, kpm, scale)
-    return out, lse
+        into = (out[:, c::period], lse[:, c::period])
+        _forward(backend, parts, qc, kc, vc, kpm, scale, into=into)
+    return out.to(q.dtype), lse
 
 
-def _forward(backend: Backend, parts: list[Part], q, k, v, kpm, scale: float):
-    """(out, lse) of a plan's parts that serve every head of q (hidden keys already zeroed)."""
+def _forward(backend: Backend, parts: list[Part], q, k, v, kpm, scale: float, into=None):
+    """(out, lse) of a plan's parts that serve every head of q (hidden keys already zeroed),
+    out in the accumulation dtype or q's. ``into``: (out, lse) views in the accumulation dtype
+    holding the empty result, which receive the result (and are returned)."""
     b, h, n_q, d = q.shape
-    out = lse = None
+    out, lse = into if into is not None and backend.joins else (None, None)
     for part in parts:
         fold = _foldable(part, q, k, v, kpm)
         if fold:
@@ -223,7 +237,7 @@ def _forward(backend: Backend, parts: list[Part], q, k, v, kpm, scale: float):
                 _unfold(o, b, h),
                 _unfold(part_lse, b, h),
             )
-            out, lse = out5.reshape(b, h, n_q, d), lse5.reshape(b, h, n_q)
+            out, lse = out5.view(b, h, n_q, d), lse5.view(b, h, n_q)
             continue
         o = _part_rows(part, o, q.shape[2], k.shape[2])
         part_lse = _part_rows(part, part_lse, q.shape[2], k.shape[2])
@@ -231,7 +245,12 @@ def _forward(backend: Backend, parts: list[Part], q, k, v, kpm, scale: float):
             out, lse = o, part_lse
             continue
         out, lse = _merge(out, lse, o, part_lse)
-    return out.to(q.dtype).contiguous(), lse.contiguous()
+    if into is not None:
+        for dest, t in zip(into, (out, lse), strict=True):
+            if t.data_ptr() != dest.data_ptr():
+                dest.copy_(t)
+        return into
+    return out, lse
 
 
 # --------------------------------------------------------------------------- backward
