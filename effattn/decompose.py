@@ -122,7 +122,7 @@ def _plan_cached(classes, kind, n_q, n_k, block_m, block_n, device) -> tuple[Par
     if isinstance(kind, Fixed) and n_q > 0 and n_k > kind.stride:
         parts = _fixed_parts(
             kind.stride, kind.summary, kind.num_patterns, kind.causal, n_q, n_k, block_m,
-            block_n, device,
+            block_n, device, kind.moved,
         )  # fmt: skip
         bound = heads * _fixed_work_bound(kind.stride, n_q, n_k, block_m, block_n)
     elif n_q > 0 and heads > 1 and not isinstance(kind, Fixed):
@@ -326,10 +326,23 @@ def _chunk_part(l, terms, n_q, n_k, block_m, block_n, device) -> Part | None:
 
 
 # --------------------------------------------------------------------------- fixed
-def _fixed_parts(stride, summary, num_patterns, causal, n_q, n_k, block_m, block_n, device):
+def _fixed_parts(
+    stride, summary, num_patterns, causal, n_q, n_k, block_m, block_n, device, moved=None
+):
     lo = 0 if causal else -BIG
+    rel = GROUP_LT if causal else GROUP_NE
     window = TermPattern("window", ((Term(lo=lo, gq=stride, gk=stride, grel=GROUP_EQ),),))
     parts = [_natural(window, n_q, n_k, block_m, block_n, device)]
+    if moved is not None:
+        # The moved keys form one contiguous range per class: dense key blocks in natural
+        # order, for the queries of the other windows (their own window sees them already).
+        ranges = tuple(
+            (Term(lo=lo, gq=stride, gk=stride, grel=rel, smod=BIG, smin=m, smax=BIG - 1),)
+            if m >= 0
+            else ()
+            for m in moved
+        )
+        parts.append(_natural(TermPattern("moved", ranges), n_q, n_k, block_m, block_n, device))
 
     # Causal queries of window W see the summary columns of windows < W, all of them complete.
     last = (n_k - 1) // stride
@@ -341,9 +354,9 @@ def _fixed_parts(stride, summary, num_patterns, causal, n_q, n_k, block_m, block
     index = []
     for r in range(num_patterns):
         cols = (w * stride + stride - (r + 1) * summary + t).flatten()
-        index.append(torch.where(cols < n_k, cols, -1))
+        end = n_k if moved is None or moved[r] < 0 else moved[r]  # the moved part has the rest
+        index.append(torch.where(cols < end, cols, -1))
     k_index = torch.stack(index)
-    rel = GROUP_LT if causal else GROUP_NE
     key_padding = (k_index < 0) if (k_index < 0).any() else None
     n_s = k_index.shape[1]
     parts.append(

@@ -55,7 +55,7 @@ def decomposed(pattern, n_q, n_k, bm, bn):
     kind = pattern.kind
     if isinstance(kind, P.Fixed):
         args = (kind.stride, kind.summary, kind.num_patterns, kind.causal)
-        return _fixed_parts(*args, n_q, n_k, bm, bn, CPU)
+        return _fixed_parts(*args, n_q, n_k, bm, bn, CPU, kind.moved)
     classes = pattern.classes()
     parts = []
     for c, terms in enumerate(classes):
@@ -85,8 +85,20 @@ def random_pattern(rng):
             P.per_head(P.local(window, causal=causal), P.column(l, causal=causal)),
             P.per_head(P.axial(l), P.strided(window), P.causal()),
             P.union(P.column(l), P.column(window, causal=False)),
+            _moved_fixed(l, summary, causal, rng),
         ]
     )
+
+
+def _moved_fixed(stride, summary, causal, rng):
+    """fixed with a range of keys from a random start to the end seen from every window, per
+    class (DeepSpeed's moved global blocks)."""
+    base = P.fixed(stride, summary, causal=causal)
+    start = rng.randint(0, 199)
+    lo = 0 if causal else -P.BIG
+    extra = P.Term(lo=lo, smod=P.BIG, smin=start, smax=P.BIG - 1)
+    kind = dataclasses.replace(base.kind, moved=(start,))
+    return P.TermPattern("moved", ((*base.classes()[0], extra),), kind=kind)
 
 
 def test_decompositions_are_exact_disjoint_covers():
@@ -200,7 +212,9 @@ def _grads(pattern, backend, q, k, v, kpm):
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("pattern", RUN_PATTERNS, ids=lambda p: p.name)
-@pytest.mark.parametrize("h, h_kv, n_q, n_k", [(6, 3, 150, 150), (6, 2, 121, 160), (6, 6, 192, 192)])
+@pytest.mark.parametrize(
+    "h, h_kv, n_q, n_k", [(6, 3, 150, 150), (6, 2, 121, 160), (6, 6, 192, 192)]
+)
 def test_plans_run_exactly(pattern, backend, h, h_kv, n_q, n_k, small_blocks):
     """Decomposed and per-class plans on the C++ CPU and the torch backends against the fp64
     reference: forward, lse and gradients, with GQA (groups of 2 and 3 against 2 and 3 head

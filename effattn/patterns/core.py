@@ -84,12 +84,18 @@ class Strided:
 
 @dataclasses.dataclass(frozen=True)
 class Fixed:
-    """The kind of ``fixed(stride, summary, num_patterns, causal=causal)``."""
+    """The kind of ``fixed(stride, summary, num_patterns, causal=causal)``.
+
+    ``moved``: when set, per head class the first key of a range [moved[c], n) that class also
+    sees from every window (-1: none), beside the summary columns: DeepSpeed moves the global
+    blocks of a short last window to the sequence's end (:mod:`effattn.compat.deepspeed`).
+    """
 
     stride: int
     summary: int
     num_patterns: int
     causal: bool
+    moved: tuple[int, ...] | None = None
 
 
 Kind = Strided | Fixed
@@ -274,7 +280,7 @@ class TermPattern(Pattern):
         kind = self.kind
         if isinstance(kind, Strided):
             return heads * count.count_strided(kind.stride, kind.causal, n_q, n_k)
-        if isinstance(kind, Fixed):
+        if isinstance(kind, Fixed) and kind.moved is None:
             return count.count_fixed(
                 kind.stride, kind.summary, kind.num_patterns, kind.causal, n_q, n_k, heads
             )
