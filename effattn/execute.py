@@ -70,10 +70,11 @@ def _merges_batch_and_heads(t: torch.Tensor) -> bool:
 
 
 def _fold(part: Part, t: torch.Tensor) -> torch.Tensor:
-    """[B, H, m * l, ...] -> [B * H, l, m, ...]: chunk b of the rows a * l + b as a head (a view
-    for contiguous t, so the column part reads q, k, v in place instead of copying them)."""
+    """[B, H, m * l, ...] -> [B * H, l, m, ...]: chunk b of the rows a * l + b as a head, a view
+    (so the column part reads q, k, v in place and writes its results into the sums; view()
+    refuses a tensor whose batch and heads do not merge rather than copy it)."""
     b, h, n = t.shape[:3]
-    return t.reshape(b * h, n // part.chunk, part.chunk, *t.shape[3:]).transpose(1, 2)
+    return t.view(b * h, n // part.chunk, part.chunk, *t.shape[3:]).transpose(1, 2)
 
 
 def _unfold(t: torch.Tensor, b: int, h: int) -> torch.Tensor:
@@ -276,18 +277,26 @@ def sparse_backward(backend: Backend, dout, dlse, q, k, v, out, lse, kpm, patter
             sel = _kv_heads(h, k.shape[1], c, period, q.device)
             dout_c, q_c, lse_c, delta_c = (_take(t, heads) for t in (dout, q, lse, delta))
             k_c, v_c = _take(k, sel), _take(v, sel)
-            g = _backward(backend, parts, dout_c, q_c, k_c, v_c, lse_c, delta_c, kpm, scale)
+            args = (backend, parts, dout_c, q_c, k_c, v_c, lse_c, delta_c, kpm, scale)
+            if isinstance(sel, slice):  # the class's gradients add up in place
+                _backward(*args, into=(dq[:, heads], dk[:, sel], dv[:, sel]))
+                continue
+            g = _backward(*args)
             dq[:, heads] = g[0]
             _add_heads(dk, sel, g[1])
             _add_heads(dv, sel, g[2])
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _backward(backend: Backend, parts: list[Part], dout, q, k, v, lse, delta, kpm, scale):
-    """(dq, dk, dv) in the accumulation dtype of a plan's parts that serve every head of q."""
+def _backward(
+    backend: Backend, parts: list[Part], dout, q, k, v, lse, delta, kpm, scale, into=None
+):
+    """(dq, dk, dv) in the accumulation dtype of a plan's parts that serve every head of q.
+    ``into``: views of gradient sums (accumulation dtype) that the parts' gradients are added
+    to (and that are returned)."""
     acc = acc_dtype(q.dtype)
     # (dq, dk, dv) summed over the parts so far, in the accumulation dtype.
-    grads = None
+    grads = into
     for part in parts:
         if _foldable(part, q, k, v, kpm):
             qf, kf, vf, dof = (_fold(part, t) for t in (q, k, v, dout))
