@@ -15,7 +15,7 @@ from test_patterns import check_layout, check_tiles, expand_grid
 import effattn
 from effattn import patterns as P
 from effattn.compat import deepspeed as ds
-from effattn.decompose import plan
+from effattn.decompose import _fixed_parts, plan
 from effattn.patterns.core import BlockPattern
 
 UNI, BI = "unidirectional", "bidirectional"
@@ -356,6 +356,7 @@ def small_blocks(monkeypatch):
 RUN_CONFIGS = [
     (ds.FixedSparsityConfig(4, num_local_blocks=2), False),
     (ds.FixedSparsityConfig(4, num_local_blocks=4, num_global_blocks=2), False),  # moved
+    (ds.FixedSparsityConfig(4, block=8, num_local_blocks=8, attention=UNI), True),  # 3 parts
     (ds.FixedSparsityConfig(4, 16, True, 4, 1, UNI, num_different_global_patterns=2), True),
     (ds.FixedSparsityConfig(4, attention=UNI), False),
     (ds.BigBirdSparsityConfig(4, different_layout_per_head=True, num_random_blocks=2), False),
@@ -390,12 +391,17 @@ def test_patterns_run_on_cpu_and_torch_against_the_reference(config, causal, bac
 
 
 def test_moved_global_blocks_are_covered_exactly():
-    config = ds.FixedSparsityConfig(4, 16, True, 4, 2, num_different_global_patterns=2)
-    for n in (16 * 5, 16 * 7, 16 * 9 + 3):
-        pattern = config.pattern()
-        parts = plan(pattern, n, n, 16, 16)
-        want = pattern.mask(n, n, 2)
-        assert torch.equal(covered(pattern.at(n), parts, n, n, 2), want.int())
+    """The fixed decomposition with the moved blocks as a third part covers the mask once, for
+    classes that move and classes that do not, causal or not."""
+    for causal in (False, True):
+        config = ds.FixedSparsityConfig(4, 16, True, 4, 2, num_different_global_patterns=2)
+        pattern = config.pattern(causal)
+        for n in (16 * 5, 16 * 7, 16 * 9 + 3, 16 * 10):
+            kind = pattern.at(n).kind
+            args = (kind.stride, kind.summary, kind.num_patterns, causal)
+            parts = _fixed_parts(*args, n, n, 16, 16, torch.device("cpu"), kind.moved)
+            want = pattern.mask(n, n, 2)
+            assert torch.equal(covered(pattern.at(n), parts, n, n, 2), want.int()), (causal, n)
 
 
 # --------------------------------------------------------------------------- the module
@@ -521,3 +527,44 @@ def test_far_apart_key_biases_skip_their_pass(monkeypatch):
     want = dense_deepspeed(q, k, v, module.get_layout(64), 16, kp)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
     assert math.isfinite(float(got.abs().max()))
+
+
+def test_bench_script_runs_and_reports():
+    """bench/compat_patterns.py on a tiny size: every case timed in both passes, each ratio
+    against its baseline, the standard header."""
+    pytest.importorskip("effattn._C")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import common
+    import compat_patterns
+
+    doc = compat_patterns.run(n=256, repeats=1)
+    assert common.is_result(doc) and doc["family"] == "compat_patterns"
+    assert {(r["pattern"], r["pass"]) for r in doc["rows"]} == {
+        (name, p) for name in compat_patterns.cases(256)[0] for p in compat_patterns.PASSES
+    }
+    assert len(doc["ratios"]) == 2 * len(compat_patterns.cases(256)[1])
+    assert "target <= 0.7" in compat_patterns.table(doc)
+
+
+def test_block_grid_and_moved_fixed_on_triton(monkeypatch):
+    """Tiles of a block grid and the moved-blocks part on the Triton kernels (interpreter)."""
+    pytest.importorskip("triton")
+    from effattn.ops import triton_sparse
+
+    if not (torch.cuda.is_available() or triton_sparse._interpreting()):
+        pytest.skip("no CUDA device and Triton is not in interpreter mode")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_sparse, "BLOCKS_OVERRIDE", (16, 16))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 208, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    for pattern in (
+        ds.BigBirdSparsityConfig(2, block=8, num_random_blocks=2).pattern(seed=1),
+        ds.FixedSparsityConfig(2, block=8, num_local_blocks=8).pattern(),
+    ):
+        got = effattn.sparse_attention(q, k, v, pattern, backend="triton")
+        want = effattn.sparse_attention(q, k, v, pattern, backend="reference")
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert len(plan(pattern, 208, 208, 16, 16)) == 3, "the moved blocks' part ran"

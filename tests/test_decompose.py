@@ -235,3 +235,32 @@ def test_plans_run_exactly(pattern, backend, h, h_kv, n_q, n_k, small_blocks):
     want = _grads(pattern, "reference", q, k, v, kpm)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        P.per_head(P.local(8), P.column(8)),
+        P.axial(8, causal=False),
+        P.union(P.local(8), P.column(6)),
+    ],
+    ids=lambda p: p.name,
+)
+def test_plans_run_exactly_on_triton(pattern, monkeypatch):
+    """The same on the Triton kernels (its interpreter without a GPU): per-class plans on head
+    views, chunk parts folded and gathered."""
+    pytest.importorskip("triton")
+    from effattn.ops import triton_sparse
+
+    if not (torch.cuda.is_available() or triton_sparse._interpreting()):
+        pytest.skip("no CUDA device and Triton is not in interpreter mode")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_sparse, "BLOCKS_OVERRIDE", (16, 16))
+    assert any(p.chunk for p in plan(pattern, 96, 96, 16, 16))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 96, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    for kpm in (None, torch.rand(1, 96, generator=g) < 0.2):
+        got = _grads(pattern, "triton", q, k, v, kpm)
+        want = _grads(pattern, "reference", q, k, v, kpm)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
