@@ -341,6 +341,10 @@ def test_random_patterns_follow_their_seed():
     assert torch.equal(b.mask(100, 100, 4), config.pattern().mask(100, 100, 4))
     with pytest.raises(TypeError, match="seed"):
         config.pattern(seed=1.5)
+    # Concrete patterns are kept for the most recent lengths only.
+    for n in range(64, 64 + P.LengthPattern.KEEP + 10):
+        b.at(n)
+    assert len(b._at) == P.LengthPattern.KEEP and 64 not in b._at
 
 
 # --------------------------------------------------------------------------- runs

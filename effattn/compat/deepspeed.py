@@ -26,7 +26,9 @@ the term language (bands on p - j) cannot state in a bounded number of terms: th
 block-granular patterns (:func:`effattn.patterns.from_blocks`), laid out from DeepSpeed's block
 grid for that length (n^2 / block^2 cells, never an element mask). Random blocks are drawn
 per length from ``random.Random(seed)``, exactly as ``random.seed(seed)`` then DeepSpeed's
-``make_layout(n)`` would draw them.
+``make_layout(n)`` would draw them. A length for which DeepSpeed has no layout (fewer blocks
+than its sliding window, its global or its random blocks per row) raises ValueError, as its
+``make_layout`` does.
 """
 
 from __future__ import annotations
@@ -215,7 +217,9 @@ class _RandomBlocks:
         ``random.seed`` before makes the pattern reproducible too).
         """
         causal = _check_causal(causal)
-        if not self._random:
+        if seed is not None:
+            _int("seed", seed, minimum=0)
+        if not self._random:  # nothing is drawn: the seed changes nothing
             return self._length_pattern(causal, None)
         if seed is None:
             seed = random.getrandbits(63)

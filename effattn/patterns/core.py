@@ -396,14 +396,20 @@ class LengthPattern(Pattern):
         self._at: dict[int, Pattern] = {}
         self.key = str(("effattn.length", spec))
 
+    # Lengths whose concrete patterns (and their layouts) are kept, the most recent ones.
+    KEEP = 64
+
     def at(self, n_k: int) -> Pattern:
-        """The concrete pattern for n_k keys (made once per length)."""
-        if n_k not in self._at:
+        """The concrete pattern for n_k keys (made once per length while it is recent)."""
+        concrete = self._at.pop(n_k, None)
+        if concrete is None:
             concrete = self._build(n_k)
             if concrete.period != self.period:
-                raise AssertionError(f"{self.name} at n_k={n_k} has {concrete.period} classes")
-            self._at[n_k] = concrete
-        return self._at[n_k]
+                raise RuntimeError(f"{self.name} at n_k={n_k} has {concrete.period} classes")
+            if len(self._at) >= self.KEEP:
+                self._at.pop(next(iter(self._at)))
+        self._at[n_k] = concrete
+        return concrete
 
     def _check_size(self, n_q: int, n_k: int) -> None:
         super()._check_size(n_q, n_k)
