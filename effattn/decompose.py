@@ -1,17 +1,22 @@
-"""Exact strided and fixed patterns at block speed: split into parts, merge by log-sum-exp.
+"""Exact patterns at block speed: split into parts, merge by log-sum-exp.
 
 The softmax over a union of disjoint key sets is the LSE-weighted combination of the softmaxes
 over each set, so a pattern can be computed as several block-sparse attentions ("parts"), each
 over a re-indexed sequence in which its keys form dense blocks:
 
-``strided(l)``
-    local band ``0 <= p - j < l``, in natural order; plus the columns ``(p - j) % l == 0,
-    p - j >= l``. Viewing the sequence as [m, l] (m = ceil(n_k / l)) and transposing, the
-    columns become strictly causal attention inside l contiguous chunks of length m.
+column terms (``strided``, ``column``, ``axial``, their unions with ``local``)
+    a term ``lo <= p - j <= hi, (p - j) % l == 0`` allows one key in l. Viewing the sequence as
+    [m, l] (m = ceil(n_k / l)) and transposing, its keys become a band inside l contiguous
+    chunks of length m (``p - j = s * l`` is s slots apart in one chunk): dense blocks. The
+    class's other terms run in natural order, disjoint from the column terms once those are cut
+    off the bands they share (``strided(l)``: the band ``0 <= p - j < l``, then the columns
+    ``p - j >= l``; ``axial(w)``: the rows, then the columns beyond them).
 ``fixed(l, c, P)``
     same-window keys (block diagonal) in natural order; plus the summary columns of the other
     windows, gathered per head class into a compact key list in which a query of window W sees
     the first W * c keys (a prefix; all but its own window's when not causal).
+head classes of other patterns (``per_head(local(l), column(l))``)
+    each class is planned on its own, its parts serving only its heads (``Part.heads``).
 
 A :class:`Part` carries its pattern in its own index space and the index maps from and to the
 original rows: every backend runs the same generic block-sparse kernel on each part, and
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import torch
 
@@ -36,11 +42,12 @@ from effattn.patterns import (
     GROUP_NE,
     BlockLayout,
     Fixed,
+    LengthPattern,
     Pattern,
-    Strided,
     Term,
     TermPattern,
 )
+from effattn.patterns.terms import disjoint
 
 __all__ = ["Part", "plan", "planned_work_efficiency"]
 
@@ -67,6 +74,9 @@ class Part:
         folded: with chunk, the same attention as l independent sequences of m rows (one
             chunk each, no grouping terms): for executors that can run the chunks as extra
             heads on strided views when every slot is a real row (n_q == n_k == m * l).
+        heads: None when the part serves every head (head h follows class h % C of its
+            pattern); (c, P) when it serves only the heads h with h % P == c, with the one class
+            of its pattern (a plan split per head class).
     """
 
     pattern: Pattern
@@ -79,6 +89,7 @@ class Part:
     layout: BlockLayout
     chunk: int | None = None
     folded: Part | None = None
+    heads: tuple[int, int] | None = None
 
     def layout_for(self, block_m: int, block_n: int) -> BlockLayout:
         """This part's layout for other block sizes (e.g. the backward kernels'), cached."""
@@ -93,14 +104,15 @@ def plan(
 ) -> tuple[Part, ...]:
     """The parts that compute ``pattern`` for n_q queries and n_k keys, cheapest first.
 
-    Natural order (one part, identity maps) unless the pattern is a single ``strided`` or
-    ``fixed`` and its decomposition computes fewer entries for these block sizes.
+    Natural order (one part, identity maps) unless the pattern has column terms or is a
+    ``fixed`` and the decomposition computes fewer entries for these block sizes.
     """
     device = torch.device("cpu") if device is None else torch.device(device)
-    if pattern.is_custom:
+    if isinstance(pattern, LengthPattern):
+        pattern = pattern.at(n_k)
+    if not isinstance(pattern, TermPattern):
         return (_natural(pattern, n_q, n_k, block_m, block_n, device),)
-    kind = getattr(pattern, "kind", None)
-    return _plan_cached(pattern.classes(), kind, n_q, n_k, block_m, block_n, device)
+    return _plan_cached(pattern.classes(), pattern.kind, n_q, n_k, block_m, block_n, device)
 
 
 @functools.lru_cache(maxsize=128)
@@ -109,46 +121,90 @@ def _plan_cached(classes, kind, n_q, n_k, block_m, block_n, device) -> tuple[Par
     # The decompositions compute every key slot as a row (the columns' chunks hold all n_k
     # positions): with few queries (decoding, short segments over long memories) that is more
     # than the natural order visits.
-    few_queries = 2 * n_q < n_k
-    if few_queries:
-        return (_natural(pattern, n_q, n_k, block_m, block_n, device),)
-    if isinstance(kind, Strided) and n_q > 0 and n_k > kind.stride:
-        parts = _strided_parts(kind.stride, kind.causal, n_q, n_k, block_m, block_n, device)
-    elif isinstance(kind, Fixed) and n_q > 0 and n_k > kind.stride:
-        parts = _fixed_parts(
-            kind.stride, kind.summary, kind.num_patterns, kind.causal, n_q, n_k, block_m,
-            block_n, device,
-        )  # fmt: skip
-    else:
+    if 2 * n_q < n_k:
         return (_natural(pattern, n_q, n_k, block_m, block_n, device),)
     heads = len(classes)
+    if isinstance(kind, Fixed) and n_q > 0 and n_k > kind.stride:
+        parts = _fixed_parts(
+            kind.stride, kind.summary, kind.num_patterns, kind.causal, n_q, n_k, block_m,
+            block_n, device, kind.moved,
+        )  # fmt: skip
+        bound = heads * _fixed_work_bound(kind.stride, n_q, n_k, block_m, block_n)
+    elif n_q > 0 and heads > 1 and not isinstance(kind, Fixed):
+        parts = _per_class(classes, n_q, n_k, block_m, block_n, device)
+        if parts is not None:
+            return parts  # every class already chose its cheaper plan
+        return (_natural(pattern, n_q, n_k, block_m, block_n, device),)
+    elif n_q > 0 and heads == 1 and (split := _column_split(classes[0], n_k)) is not None:
+        parts = _column_parts(*split, n_q, n_k, block_m, block_n, device)
+        bound = _column_work_bound(classes[0], n_q, n_k, block_m, block_n)
+    else:
+        return (_natural(pattern, n_q, n_k, block_m, block_n, device),)
     work = _work(parts, heads)
-    if work < heads * _natural_work_bound(kind, n_q, n_k, block_m, block_n):
+    if work < bound:
         return parts
     natural = (_natural(pattern, n_q, n_k, block_m, block_n, device),)
     return parts if work < _work(natural, heads) else natural
 
 
-def _natural_work_bound(kind: Strided | Fixed, n_q: int, n_k: int, block_m: int, block_n: int):
-    """A lower bound of the entries one head class computes in natural order, in O(n_q / block_m).
+def _per_class(classes, n_q, n_k, block_m, block_n, device) -> tuple[Part, ...] | None:
+    """Each head class planned on its own, its parts serving only its heads; None when no class
+    decomposes (one natural part then serves them all)."""
+    plans = [_plan_cached((c,), None, n_q, n_k, block_m, block_n, device) for c in classes]
+    if all(len(parts) == 1 and parts[0].q_index is None for parts in plans):
+        return None
+    period = len(classes)
+    return tuple(
+        dataclasses.replace(part, heads=(c, period))
+        for c, parts in enumerate(plans)
+        for part in parts
+    )
 
-    The column keys of a block row (strided: p - j = t * l; fixed: the summary columns of the
-    windows before the row's) lie l apart, so for l >= block_n each lies in a key block of its
-    own; for l < block_n every key block left of the row holds one. Those blocks are visited.
+
+def _min_key_block(n_k: int, block_n: int) -> int:
+    """The narrowest key block's width (the last one may be cut by the sequence end)."""
+    return min(block_n, n_k - (-(-n_k // block_n) - 1) * block_n)
+
+
+def _fixed_work_bound(stride: int, n_q: int, n_k: int, block_m: int, block_n: int) -> int:
+    """A lower bound of the entries one head class of ``fixed`` computes in natural order, in
+    O(n_q / block_m).
+
+    The summary columns of the windows before a block row lie ``stride`` apart, so for
+    stride >= block_n each lies in a key block of its own; for stride < block_n every key block
+    left of the row holds one. Those blocks are visited.
     """
     qb = torch.arange(-(-n_q // block_m), dtype=torch.int64)
     p0 = qb * block_m + (n_k - n_q)
     rows = (n_q - qb * block_m).clamp(max=block_m)
-    last = n_k - (-(-n_k // block_n) - 1) * block_n  # the last key block's width
-    width = min(block_n, last)
-    l = kind.stride
-    if l < block_n:
-        blocks = (p0 + 1) // block_n
-    elif isinstance(kind, Strided):
-        blocks = (p0 + rows - 1) // l
-    else:
-        blocks = p0 // l
-    return int((rows * width * blocks).sum())
+    blocks = (p0 + 1) // block_n if stride < block_n else p0 // stride
+    return int((rows * _min_key_block(n_k, block_n) * blocks).sum())
+
+
+def _column_work_bound(terms, n_q: int, n_k: int, block_m: int, block_n: int) -> int:
+    """A lower bound of the entries a class with column terms computes in natural order, in
+    O(n_q / block_m) per term.
+
+    For the last query p of a block row, a column term's keys p - s * mod lie ``mod`` apart:
+    each in a key block of its own for mod >= block_n, and one in every key block between the
+    outermost keys otherwise. Those blocks are visited (the most over the terms is a bound).
+    """
+    qb = torch.arange(-(-n_q // block_m), dtype=torch.int64)
+    rows = (n_q - qb * block_m).clamp(max=block_m)
+    p = qb * block_m + rows - 1 + (n_k - n_q)
+    blocks = torch.zeros_like(p)
+    for t in terms:
+        if not _is_column(t):
+            continue
+        s_lo = -(-(p - (n_k - 1)).clamp(min=t.lo) // t.mod)
+        s_hi = p.clamp(max=t.hi) // t.mod
+        count = (s_hi - s_lo + 1).clamp(min=0)
+        if t.mod < block_n:
+            first, last = p - s_hi * t.mod, p - s_lo * t.mod
+            inner = (last + 1) // block_n - (-(-first // block_n))
+            count = torch.where(count > 0, inner.clamp(min=0), 0)
+        blocks = torch.maximum(blocks, count)
+    return int((rows * _min_key_block(n_k, block_n) * blocks).sum())
 
 
 def planned_work_efficiency(
@@ -168,7 +224,8 @@ def _work(parts: tuple[Part, ...], heads: int) -> int:
     total = 0
     for part in parts:
         per_class = part.layout.computed_entries()
-        total += sum(per_class[h % len(per_class)] for h in range(heads))
+        served = range(heads) if part.heads is None else range(part.heads[0], heads, part.heads[1])
+        total += sum(per_class[h % len(per_class)] for h in served)
     return total
 
 
@@ -189,38 +246,111 @@ def _part(terms, n_q, n_k, q_offset, q_index, k_index, key_padding, block_m, blo
     return Part(pattern, n_q, n_k, q_offset, *maps, lay)
 
 
-def _strided_parts(stride, causal, n_q, n_k, block_m, block_n, device):
-    lo = 0 if causal else -(stride - 1)
-    local = TermPattern("local", ((Term(lo=lo, hi=stride - 1),),))
-    band = _natural(local, n_q, n_k, block_m, block_n, device)
+# --------------------------------------------------------------------------- column terms
+def _is_column(t: Term) -> bool:
+    """A band with a modulus and nothing else: keys that a chunk transposition makes dense."""
+    return t.mod > 1 and t.gq == 0 and t.smod == 0
 
-    # Slot x = a * stride + b (a < m) goes to y = b * m + a: residue b becomes chunk b.
-    m = -(-n_k // stride)
-    y = torch.arange(m * stride)
-    x = (y % m) * stride + y // m
+
+def _is_band(t: Term) -> bool:
+    return t.mod <= 1 and t.gq == 0 and t.smod == 0
+
+
+def _minus_band(t: Term, band: Term) -> list[Term]:
+    """The pieces of column term ``t`` outside the band [band.lo, band.hi]."""
+    pieces = ((t.lo, min(t.hi, band.lo - 1)), (max(t.lo, band.hi + 1), t.hi))
+    return [dataclasses.replace(t, lo=lo, hi=hi) for lo, hi in pieces if lo <= hi]
+
+
+def _column_split(
+    terms: tuple[Term, ...], n_k: int
+) -> tuple[list[Term], dict[int, list[Term]]] | None:
+    """(natural terms, {modulus: column terms}) of one class: its column terms shorter than the
+    sequence, cut off the class's bands, each part's terms disjoint from every other part's;
+    None without such column terms or when the parts cannot be shown disjoint."""
+    bands = [t for t in terms if _is_band(t)]
+    natural: list[Term] = []
+    columns: dict[int, list[Term]] = {}
+    for t in terms:
+        if not (_is_column(t) and t.mod < n_k):
+            natural.append(t)
+            continue
+        pieces = [t]
+        for band in bands:
+            pieces = [q for piece in pieces for q in _minus_band(piece, band)]
+        columns.setdefault(t.mod, []).extend(pieces)
+    if not columns:
+        return None
+    for a, b in itertools.combinations([natural, *columns.values()], 2):
+        if not all(disjoint(x, y) for x in a for y in b):
+            return None
+    return natural, columns
+
+
+def _slot_term(t: Term, l: int, m: int) -> Term:
+    """Column term ``t`` (modulus l) on the transposed slots: ``p - j = s * l`` is s slots apart
+    in one chunk of m, for s in [ceil(lo / l), floor(hi / l)]."""
+    lo = -BIG if t.lo <= -BIG else -(-t.lo // l)
+    hi = BIG if t.hi >= BIG else t.hi // l
+    return Term(lo=lo, hi=hi, gq=m, gk=m, grel=GROUP_EQ)
+
+
+def _column_parts(natural, columns, n_q, n_k, block_m, block_n, device) -> tuple[Part, ...]:
+    parts = []
+    if natural:
+        pattern = TermPattern("natural", (tuple(natural),))
+        parts.append(_natural(pattern, n_q, n_k, block_m, block_n, device))
+    for l, terms in sorted(columns.items()):
+        part = _chunk_part(l, terms, n_q, n_k, block_m, block_n, device)
+        if part is not None:
+            parts.append(part)
+    return tuple(parts)
+
+
+def _chunk_part(l, terms, n_q, n_k, block_m, block_n, device) -> Part | None:
+    """Column terms of modulus l as bands inside the l transposed chunks (None when none of
+    their slot distances exists)."""
+    m = -(-n_k // l)
+    slot_terms = [st for t in terms if (st := _slot_term(t, l, m)).lo <= st.hi]
+    if not slot_terms:
+        return None
+    # Slot x = a * l + b (a < m) goes to y = b * m + a: residue b becomes chunk b.
+    y = torch.arange(m * l)
+    x = (y % m) * l + y // m
     k_index = torch.where(x < n_k, x, -1).view(1, -1)
     row = x - (n_k - n_q)
     q_index = torch.where((row >= 0) & (x < n_k), row, -1)
-    # Within a chunk, slot a attends to a' < a (and a' > a when not causal); padding keys sit
-    # at the last slot of their chunk, which only non-causal queries can reach.
-    terms = [Term(lo=1, gq=m, gk=m, grel=GROUP_EQ)]
+    # Padding keys sit at the last slot of their chunk, after every real query there: only
+    # terms reaching later slots (p - j < 0) can see them.
     key_padding = None
-    if not causal:
-        terms.append(Term(hi=-1, gq=m, gk=m, grel=GROUP_EQ))
-        if (k_index < 0).any():
-            key_padding = k_index < 0
+    if any(t.lo < 0 for t in slot_terms) and (k_index < 0).any():
+        key_padding = k_index < 0
     cols = _part(
-        terms, m * stride, m * stride, 0, q_index, k_index, key_padding, block_m, block_n, device
+        slot_terms, m * l, m * l, 0, q_index, k_index, key_padding, block_m, block_n, device
     )
-    one_chunk = [dataclasses.replace(t, gq=0, gk=0) for t in terms]
+    one_chunk = [dataclasses.replace(t, gq=0, gk=0) for t in slot_terms]
     folded = _part(one_chunk, m, m, 0, None, None, None, block_m, block_n, device)
-    return (band, dataclasses.replace(cols, chunk=stride, folded=folded))
+    return dataclasses.replace(cols, chunk=l, folded=folded)
 
 
-def _fixed_parts(stride, summary, num_patterns, causal, n_q, n_k, block_m, block_n, device):
+# --------------------------------------------------------------------------- fixed
+def _fixed_parts(
+    stride, summary, num_patterns, causal, n_q, n_k, block_m, block_n, device, moved=None
+):
     lo = 0 if causal else -BIG
+    rel = GROUP_LT if causal else GROUP_NE
     window = TermPattern("window", ((Term(lo=lo, gq=stride, gk=stride, grel=GROUP_EQ),),))
     parts = [_natural(window, n_q, n_k, block_m, block_n, device)]
+    if moved is not None:
+        # The moved keys form one contiguous range per class: dense key blocks in natural
+        # order, for the queries of the other windows (their own window sees them already).
+        ranges = tuple(
+            (Term(lo=lo, gq=stride, gk=stride, grel=rel, smod=BIG, smin=m, smax=BIG - 1),)
+            if m >= 0
+            else ()
+            for m in moved
+        )
+        parts.append(_natural(TermPattern("moved", ranges), n_q, n_k, block_m, block_n, device))
 
     # Causal queries of window W see the summary columns of windows < W, all of them complete.
     last = (n_k - 1) // stride
@@ -232,9 +362,9 @@ def _fixed_parts(stride, summary, num_patterns, causal, n_q, n_k, block_m, block
     index = []
     for r in range(num_patterns):
         cols = (w * stride + stride - (r + 1) * summary + t).flatten()
-        index.append(torch.where(cols < n_k, cols, -1))
+        end = n_k if moved is None or moved[r] < 0 else moved[r]  # the moved part has the rest
+        index.append(torch.where(cols < end, cols, -1))
     k_index = torch.stack(index)
-    rel = GROUP_LT if causal else GROUP_NE
     key_padding = (k_index < 0) if (k_index < 0).any() else None
     n_s = k_index.shape[1]
     parts.append(

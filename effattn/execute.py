@@ -12,6 +12,9 @@ accumulation dtype and rounded to the inputs' dtypes once, at the end.
 Parts whose rows are the strided pattern's chunks (``Part.chunk``) move rows with views:
 padded and transposed (:func:`_to_chunks`), or, when every slot is a real row, folded into
 B * H * l sequences of m rows on strided views (:func:`_fold`) that read q, k, v in place.
+
+A plan split per head class (``Part.heads``) runs each class's parts on that class's heads
+(and the key / value heads they read), then writes the results back into the heads' places.
 """
 
 from __future__ import annotations
@@ -56,23 +59,30 @@ def _from_chunks(t: torch.Tensor, part: Part, front: int, n: int) -> torch.Tenso
 
 
 def _folded(part: Part, q, k, v, kpm) -> Part | None:
-    """The part as B * H * l sequences of m rows on views of q, k, v (Part.folded), when it can
-    run so: every slot a real row, no key mask, one kv head per query head, (B, H) foldable."""
+    """The chunk part as B * H * l sequences of m rows on views of q, k, v (Part.folded), when
+    it can run so: every slot a real row, no key mask, one kv head per query head, (B, H)
+    foldable into one dimension without a copy (so also every other head of a per-class plan)."""
     foldable = (
         kpm is None
         and q.shape[1] == k.shape[1]
         and q.shape[2] == k.shape[2] == part.n_q
-        and all(t.is_contiguous() for t in (q, k, v))
+        and all(_merges_batch_and_heads(t) for t in (q, k, v))
     )
     return part.folded if foldable else None
 
 
+def _merges_batch_and_heads(t: torch.Tensor) -> bool:
+    rows = t.stride(3) == 1 and t.stride(2) == t.shape[3]
+    return rows and (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1))
+
+
 def _fold(part: Part, t: torch.Tensor) -> torch.Tensor:
-    """[B, H, m * l, ...] -> [B * H, l, m, ...]: chunk b of the rows a * l + b as a head (a view
-    for contiguous t, so the column part reads q, k, v in place instead of copying them)."""
+    """[B, H, m * l, ...] -> [B * H, l, m, ...]: chunk b of the rows a * l + b as a head, a view
+    (so the column part reads q, k, v in place and writes its results into the sums; view()
+    refuses a tensor whose batch and heads do not merge rather than copy it)."""
     b, h, n = t.shape[:3]
     l = _chunk(part)
-    return t.reshape(b * h, n // l, l, *t.shape[3:]).transpose(1, 2)
+    return t.view(b * h, n // l, l, *t.shape[3:]).transpose(1, 2)
 
 
 def _unfold(t: torch.Tensor, b: int, h: int) -> torch.Tensor:
@@ -114,6 +124,45 @@ def _gather_part(part: Part, q, k, v, kpm):
     return q, k, v, key_mask
 
 
+# --------------------------------------------------------------------------- head classes
+def _head_groups(parts: tuple[Part, ...]) -> list[tuple[tuple[int, int] | None, list[Part]]]:
+    """The plan's parts by the heads they serve: [(None, parts)] unless split per head class."""
+    groups: dict[tuple[int, int] | None, list[Part]] = {}
+    for part in parts:
+        groups.setdefault(part.heads, []).append(part)
+    return list(groups.items())
+
+
+def _class(heads: tuple[int, int] | None) -> tuple[int, int]:
+    """(class, period) of a per-class group of parts."""
+    if heads is None:
+        raise ValueError("the plan is not split per head class")
+    return heads
+
+
+def _kv_heads(h: int, h_kv: int, c: int, period: int, device):
+    """The key / value heads that query heads c, c + period, ... read, in their order: every kv
+    head (each serving several of them), a strided slice, or (irregular groups) an index."""
+    group = h // h_kv
+    if group % period == 0:
+        return slice(None)
+    if period % group == 0:
+        return slice(c // group, None, period // group)
+    return (c + period * torch.arange(h // period, device=device)) // group
+
+
+def _take(t: torch.Tensor, sel) -> torch.Tensor:
+    """Heads ``sel`` of t: a view for a slice (kernels take any strides), else a gather."""
+    return t[:, sel] if isinstance(sel, slice) else t.index_select(1, sel)
+
+
+def _add_heads(total: torch.Tensor, sel, g: torch.Tensor) -> None:
+    if isinstance(sel, slice):
+        total[:, sel] += g
+    else:
+        total.index_add_(1, sel, g)
+
+
 # --------------------------------------------------------------------------- forward
 def _merge(out, lse, o, part_lse):
     """(out, lse) of the union of two disjoint key sets from each one's; updates out in place
@@ -150,16 +199,39 @@ def sparse_forward(backend: Backend, q, k, v, kpm, pattern: Pattern, scale: floa
     already validated.
     """
     b, h, n_q, d = q.shape
-    acc = acc_dtype(q.dtype)
     if _empty(q, k):
-        lse = torch.full((b, h, n_q), float("-inf"), dtype=acc, device=q.device)
+        lse = torch.full((b, h, n_q), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
         return q.new_zeros(q.shape), lse
     k, v = _hide_keys(k, v, kpm)
-    first, *rest = _parts(backend, pattern, q, k)
-    qp, kp, vp, km = _gather_part(first, q, k, v, kpm)
-    o, part_lse = backend.sparse_forward(qp, kp, vp, first.layout_for, scale=scale, key_mask=km)
-    out, lse = _part_rows(first, o, n_q, k.shape[2]), _part_rows(first, part_lse, n_q, k.shape[2])
-    for part in rest:
+    groups = _head_groups(_parts(backend, pattern, q, k))
+    if groups[0][0] is None:
+        out, lse = _forward(backend, groups[0][1], q, k, v, kpm, scale)
+        return out.to(q.dtype).contiguous(), lse.contiguous()
+    # Each head class writes its heads of (out, lse) in place: a joining backend extends them
+    # from the empty result (zero rows, lse -inf), the others' results are copied in.
+    acc = acc_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full((b, h, n_q), float("-inf"), dtype=acc, device=q.device)
+    for heads, parts in groups:
+        c, period = _class(heads)
+        sel = _kv_heads(h, k.shape[1], c, period, q.device)
+        qc, kc, vc = _take(q, slice(c, None, period)), _take(k, sel), _take(v, sel)
+        into = (out[:, c::period], lse[:, c::period])
+        _forward(backend, parts, qc, kc, vc, kpm, scale, into=into)
+    return out.to(q.dtype), lse
+
+
+def _forward(backend: Backend, parts: list[Part], q, k, v, kpm, scale: float, into=None):
+    """(out, lse) of a plan's parts that serve every head of q (hidden keys already zeroed),
+    out in the accumulation dtype or q's. ``into``: (out, lse) views in the accumulation dtype
+    holding the empty result, which receive the result (and are returned)."""
+    acc = acc_dtype(q.dtype)
+    b, h, n_q, d = q.shape
+    out: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    if into is not None and backend.joins:
+        out, lse = into
+    for part in parts:
         folded = _folded(part, q, k, v, kpm)
         if folded is not None:
             qp, kp, vp = (_fold(part, t) for t in (q, k, v))
@@ -169,25 +241,37 @@ def sparse_forward(backend: Backend, q, k, v, kpm, pattern: Pattern, scale: floa
             qp, kp, vp, km = _gather_part(part, q, k, v, kpm)
             layout_for = part.layout_for
         # The part's rows are views of out's rows: a joining backend extends them in place.
-        if (folded is not None or part.chunk is None) and backend.joins and out.dtype == acc:
+        joins = folded is not None or part.chunk is None
+        if out is not None and lse is not None and joins and backend.joins and out.dtype == acc:
             state = (_fold(part, out), _fold(part, lse)) if folded is not None else (out, lse)
             backend.sparse_forward(qp, kp, vp, layout_for, scale=scale, key_mask=km, state=state)
             continue
         o, part_lse = backend.sparse_forward(qp, kp, vp, layout_for, scale=scale, key_mask=km)
         if folded is not None:
+            o, part_lse = _unfold(o, b, h), _unfold(part_lse, b, h)
+            if out is None or lse is None:
+                out, lse = o.reshape(b, h, n_q, d), part_lse.reshape(b, h, n_q)
+                continue
             l = _chunk(part)
             out5, lse5 = _merge(
-                out.view(b, h, part.n_q // l, l, d),
-                lse.view(b, h, part.n_q // l, l),
-                _unfold(o, b, h),
-                _unfold(part_lse, b, h),
+                out.view(b, h, part.n_q // l, l, d), lse.view(b, h, part.n_q // l, l), o, part_lse
             )
-            out, lse = out5.reshape(b, h, n_q, d), lse5.reshape(b, h, n_q)
+            out, lse = out5.view(b, h, n_q, d), lse5.view(b, h, n_q)
             continue
-        o = _part_rows(part, o, n_q, k.shape[2])
-        part_lse = _part_rows(part, part_lse, n_q, k.shape[2])
+        o = _part_rows(part, o, q.shape[2], k.shape[2])
+        part_lse = _part_rows(part, part_lse, q.shape[2], k.shape[2])
+        if out is None or lse is None:
+            out, lse = o, part_lse
+            continue
         out, lse = _merge(out, lse, o, part_lse)
-    return out.to(q.dtype).contiguous(), lse.contiguous()
+    if out is None or lse is None:
+        raise ValueError("a plan has at least one part")
+    if into is not None:
+        for dest, t in zip(into, (out, lse), strict=True):
+            if t.data_ptr() != dest.data_ptr():
+                dest.copy_(t)
+        return into
+    return out, lse
 
 
 # --------------------------------------------------------------------------- backward
@@ -202,9 +286,39 @@ def sparse_backward(backend: Backend, dout, dlse, q, k, v, out, lse, kpm, patter
     if dlse is not None:
         delta = delta - dlse.to(acc)
     lse = lse.to(acc)
+    groups = _head_groups(_parts(backend, pattern, q, k))
+    if groups[0][0] is None:
+        dq, dk, dv = _backward(backend, groups[0][1], dout, q, k, v, lse, delta, kpm, scale)
+    else:
+        dq, dk, dv = _zero_grads(q, k, v, acc)
+        h = q.shape[1]
+        for key, parts in groups:
+            c, period = _class(key)
+            heads = slice(c, None, period)
+            sel = _kv_heads(h, k.shape[1], c, period, q.device)
+            dout_c, q_c, lse_c, delta_c = (_take(t, heads) for t in (dout, q, lse, delta))
+            k_c, v_c = _take(k, sel), _take(v, sel)
+            args = (backend, parts, dout_c, q_c, k_c, v_c, lse_c, delta_c, kpm, scale)
+            if isinstance(sel, slice):  # the class's gradients add up in place
+                _backward(*args, into=(dq[:, heads], dk[:, sel], dv[:, sel]))
+                continue
+            g = _backward(*args)
+            dq[:, heads] = g[0]
+            _add_heads(dk, sel, g[1])
+            _add_heads(dv, sel, g[2])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _backward(
+    backend: Backend, parts: list[Part], dout, q, k, v, lse, delta, kpm, scale, into=None
+):
+    """(dq, dk, dv) in the accumulation dtype of a plan's parts that serve every head of q.
+    ``into``: views of gradient sums (accumulation dtype) that the parts' gradients are added
+    to (and that are returned)."""
+    acc = acc_dtype(q.dtype)
     # (dq, dk, dv) summed over the parts so far, in the accumulation dtype.
-    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    for part in _parts(backend, pattern, q, k):
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = into
+    for part in parts:
         folded = _folded(part, q, k, v, kpm)
         if folded is not None:
             qf, kf, vf, dof = (_fold(part, t) for t in (q, k, v, dout))
@@ -237,8 +351,7 @@ def sparse_backward(backend: Backend, dout, dlse, q, k, v, out, lse, kpm, patter
         dq += _part_rows(part, dqp, q.shape[2], k.shape[2])
         _add_key_grads(part, dk, dkp)
         _add_key_grads(part, dv, dvp)
-    dq, dk, dv = grads or _zero_grads(q, k, v, acc)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return grads or _zero_grads(q, k, v, acc)
 
 
 def _zero_grads(q, k, v, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

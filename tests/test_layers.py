@@ -39,6 +39,8 @@ LAYERS = {
     "effattn.nn.xl": 11,
     "effattn.nn": 12,
     "effattn.integrations": 12,
+    "effattn.compat.deepspeed": 12,
+    "effattn.compat": 13,
     "effattn.integrations.transformers": 12,
 }
 # Same-layer imports that are part of the design (a package's __init__ re-exporting, ...).

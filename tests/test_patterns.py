@@ -29,6 +29,14 @@ def definition(kind, args, causal, p, j, h):
         r = h % npat
         ok = (j // l == p // l) | ((j % l >= l - (r + 1) * c) & (j % l <= l - r * c - 1))
         return ok & (d >= 0) if causal else ok
+    if kind == "column":
+        (l,) = args
+        ok = (d % l == 0) & (d.abs() >= l)
+        return ok & (d >= 0) if causal else ok
+    if kind == "axial":
+        (w,) = args  # a row-major image w pixels wide: same row or same column
+        ok = (p // w == j // w) | (p % w == j % w)
+        return ok & (d >= 0) if causal else ok
     raise AssertionError(kind)
 
 
@@ -49,7 +57,7 @@ def build(kind, args, causal):
 
 
 def random_case(rng):
-    kind = rng.choice(["full", "causal", "local", "strided", "fixed"])
+    kind = rng.choice(["full", "causal", "local", "strided", "fixed", "column", "axial"])
     causal = rng.random() < 0.6
     stride = rng.randint(1, 40)
     summary = rng.randint(1, stride)
@@ -59,6 +67,8 @@ def random_case(rng):
         "local": (rng.randint(1, 50),),
         "strided": (stride,),
         "fixed": (stride, summary, rng.randint(1, stride // summary)),
+        "column": (stride,),
+        "axial": (stride,),
     }[kind]
     n_k = rng.randint(1, 160)
     n_q = rng.randint(1, n_k)
@@ -223,6 +233,11 @@ def test_layout_on_device_and_cached():
         (lambda: P.per_head(P.causal(), P.full()).mask(4, 4, 3), "divisible"),
         (lambda: P.from_mask(torch.ones(1, 4, 4, dtype=torch.bool)).mask(4, 5), "cannot serve"),
         (lambda: P.causal().mask(5, 4), "n_q"),
+        (lambda: P.column(0), "stride"),
+        (lambda: P.axial(0), "width"),
+        (lambda: P.from_blocks(torch.ones(2, 3, 4, dtype=torch.bool), 16), "shape"),
+        (lambda: P.from_blocks(torch.ones(3, 3, dtype=torch.bool), 0), "block"),
+        (lambda: P.from_blocks(torch.ones(3, 3, dtype=torch.bool), 16).mask(49, 49), "cannot"),
         (lambda: P.union(), "at least one"),
         (
             lambda: P.union(
@@ -245,6 +260,10 @@ def test_bad_types():
         P.local(3, causal="yes")
     with pytest.raises(TypeError, match="Pattern"):
         P.union(P.causal(), "local")
+    with pytest.raises(TypeError, match="bool or integer"):
+        P.from_blocks(torch.ones(3, 3), 16)
+    with pytest.raises(TypeError, match="causal"):
+        P.axial(8, causal=1)
 
 
 def test_plot_writes_png(tmp_path):
@@ -299,13 +318,95 @@ def test_intersection_without_an_analytic_form_says_so():
         P.fixed(8, 2) & P.fixed(12, 3)
 
 
-def test_counts_of_strided_and_fixed_have_closed_forms_equal_to_the_masks():
+def test_counts_with_closed_forms_equal_the_masks():
     rng = random.Random(5)
-    for _ in range(200):
+    for _ in range(300):
         kind, args, causal, n_q, n_k = random_case(rng)
-        if kind not in ("strided", "fixed"):
+        if kind not in ("strided", "fixed", "column", "axial"):
             continue
         pattern = build(kind, args, causal)
         heads = 3
         want = int(pattern.mask(n_q, n_k, heads).expand(heads, n_q, n_k).sum())
         assert pattern.count_allowed(n_q, n_k, heads) == want, (pattern.name, n_q, n_k)
+
+
+# --------------------------------------------------------------------------- column, axial
+@pytest.mark.parametrize("causal", [True, False])
+def test_local_and_column_make_strided(causal):
+    for l in (1, 2, 7, 16):
+        merged = P.union(P.local(l, causal=causal), P.column(l, causal=causal))
+        assert torch.equal(merged.mask(90, 100), P.strided(l, causal=causal).mask(90, 100))
+    both = P.per_head(P.local(8), P.column(8)).mask(40, 40, 2)
+    assert torch.equal(both[0] | both[1], P.strided(8).mask(40, 40)[0])
+    assert not (both[0] & both[1]).any()
+
+
+def test_axial_is_rows_and_columns_of_an_image():
+    w, h = 6, 5
+    m = P.axial(w, causal=False).mask(w * h, w * h)[0]
+    for p in range(w * h):
+        seen = {(j // w, j % w) for j in m[p].nonzero().flatten().tolist()}
+        row, col = divmod(p, w)
+        assert seen == {(row, c) for c in range(w)} | {(r, col) for r in range(h)}
+    assert torch.equal(P.axial(w).mask(30, 30)[0], m & P.causal().mask(30, 30)[0])
+
+
+# --------------------------------------------------------------------------- block grids
+def expand_grid(grid, block, n_q, n_k, causal):
+    """A block layout [C, nb, nb] expanded block by block, cut to the problem's rows and keys."""
+    full = grid.repeat_interleave(block, 1).repeat_interleave(block, 2)
+    m = full[:, n_k - n_q : n_k, :n_k]
+    if causal:
+        m = m & P.causal().mask(n_q, n_k)
+    return m
+
+
+def check_tiles(pattern, n_q, n_k, bm, bn, heads):
+    """Every partial block's stored tile is the mask there (padded with False past the ends)."""
+    lay = pattern.layout(n_q, n_k, bm, bn)
+    mask = pattern.mask(n_q, n_k, heads)
+    for c in range(lay.num_classes):
+        for qb in range(lay.num_q_blocks):
+            for s in range(int(lay.kv_part_num[c, qb])):
+                kb, t = int(lay.kv_part_idx[c, qb, s]), int(lay.kv_part_tile[c, qb, s])
+                want = torch.zeros(bm, bn, dtype=torch.bool)
+                sub = mask[c % mask.shape[0], qb * bm : (qb + 1) * bm, kb * bn : (kb + 1) * bn]
+                want[: sub.shape[0], : sub.shape[1]] = sub
+                assert torch.equal(lay.tiles[t], want), (pattern.name, c, qb, kb)
+
+
+def test_block_grids_mask_layout_count_and_key():
+    rng = random.Random(6)
+    for _ in range(80):
+        block = rng.choice([1, 3, 8, 16, 32, 64, 128])
+        nb = rng.randint(1, 10)
+        classes = rng.choice([1, 3])
+        g = torch.Generator().manual_seed(rng.randint(0, 2**31))
+        grid = torch.rand(classes, nb, nb, generator=g) < rng.random()
+        causal = rng.random() < 0.5
+        pattern = P.from_blocks(grid.long(), block, causal=causal)
+        n_k = rng.randint(1, nb * block)
+        n_q = rng.randint(1, n_k)
+        heads = 2 * classes
+        want = expand_grid(grid, block, n_q, n_k, causal)
+        heads_shown = 1 if classes == 1 else heads // classes  # one mask when heads agree
+        assert torch.equal(pattern.mask(n_q, n_k, heads), want.repeat(heads_shown, 1, 1))
+        bm, bn = rng.choice([16, 32, 64]), rng.choice([16, 64])
+        check_layout(pattern, n_q, n_k, bm, bn, heads)
+        check_tiles(pattern, n_q, n_k, bm, bn, heads)
+        assert pattern.count_allowed(n_q, n_k, heads) == int(want.sum()) * heads // classes
+        again = P.from_key(pattern.key)
+        assert torch.equal(again.grid, pattern.grid) and again.causal == causal
+
+
+def test_block_grid_layouts_share_tiles_and_skip_empty_cells():
+    """A periodic grid has a handful of distinct tiles however long the sequence, and the
+    layout touches only the kernel blocks under set cells."""
+    nb, block = 256, 16
+    r = torch.arange(nb)
+    grid = ((r.view(-1, 1) // 4) == (r.view(1, -1) // 4)) | (r.view(1, -1) % 4 == 3)
+    lay = P.from_blocks(grid, block).layout(4096, 4096, 64, 64)
+    assert lay.tiles.shape[0] <= 2
+    assert int(lay.kv_full_num.sum() + lay.kv_part_num.sum()) == 64 * 64
+    sparse = P.from_blocks(torch.eye(nb, dtype=torch.bool), block).layout(4096, 4096, 64, 64)
+    assert int(sparse.kv_full_num.sum() + sparse.kv_part_num.sum()) == 64

@@ -13,6 +13,13 @@ query may attend to the key. Queries are aligned to the end of the keys: query r
   intersection holding one: :class:`CombinedPattern`): bound to one (n_q, n_k), with stored
   tiles for partial blocks.
 
+Two more kinds describe block-sparse layouts made elsewhere (DeepSpeed's sparsity configs,
+Triton's blocksparse): :class:`BlockPattern` (``from_blocks``), a bool grid of coarse blocks
+serving every length up to the grid's, laid out from its set cells with deduplicated tiles; and
+:class:`LengthPattern`, whose definition depends on the number of keys (a layout made for one
+sequence length), which hands each length to a concrete pattern. Both travel to the kernels as
+keys like term patterns, never as n_q x n_k masks.
+
 ``union`` (``|``), ``intersect`` (``&``) and ``per_head`` combine patterns; combinations of term
 patterns stay term patterns (``strided(l, causal=False) & causal()`` is ``strided(l)``, with its
 decomposition).
@@ -21,27 +28,42 @@ decomposition).
 from __future__ import annotations
 
 import ast
+import base64
 import dataclasses
 import functools
+import importlib
 import math
+import zlib
 from collections.abc import Callable
 
 import torch
 
 from effattn.patterns import count
-from effattn.patterns.layout import BlockLayout, custom_layout, layout_to, term_layout
+from effattn.patterns.layout import (
+    BlockLayout,
+    allowed_entries,
+    block_grid_layout,
+    custom_layout,
+    layout_to,
+    term_layout,
+)
 from effattn.patterns.plot import plot
 from effattn.patterns.terms import BIG, GROUP_EQ, NotExpressible, Term, and_terms, or_terms
 
 __all__ = [
+    "BlockPattern",
     "CombinedPattern",
     "Fixed",
+    "LengthPattern",
     "MaskPattern",
     "Pattern",
     "Strided",
     "TermPattern",
+    "axial",
     "causal",
+    "column",
     "fixed",
+    "from_blocks",
     "from_key",
     "from_mask",
     "full",
@@ -63,12 +85,18 @@ class Strided:
 
 @dataclasses.dataclass(frozen=True)
 class Fixed:
-    """The kind of ``fixed(stride, summary, num_patterns, causal=causal)``."""
+    """The kind of ``fixed(stride, summary, num_patterns, causal=causal)``.
+
+    ``moved``: when set, per head class the first key of a range [moved[c], n) that class also
+    sees from every window (-1: none), beside the summary columns: DeepSpeed moves the global
+    blocks of a short last window to the sequence's end (:mod:`effattn.compat.deepspeed`).
+    """
 
     stride: int
     summary: int
     num_patterns: int
     causal: bool
+    moved: tuple[int, ...] | None = None
 
 
 Kind = Strided | Fixed
@@ -253,7 +281,7 @@ class TermPattern(Pattern):
         kind = self.kind
         if isinstance(kind, Strided):
             return heads * count.count_strided(kind.stride, kind.causal, n_q, n_k)
-        if isinstance(kind, Fixed):
+        if isinstance(kind, Fixed) and kind.moved is None:
             return count.count_fixed(
                 kind.stride, kind.summary, kind.num_patterns, kind.causal, n_q, n_k, heads
             )
@@ -303,6 +331,101 @@ class CombinedPattern(Pattern):
         for sub in self.parts[1:]:
             out = combine(out, sub._allowed(p, j, h, i))
         return out
+
+
+class BlockPattern(Pattern):
+    """A block-granular pattern: (p, j) is allowed iff ``grid[h % P, p // block, j // block]``
+    (and j <= p when ``causal``). Serves any n_k up to nb * block (a shorter sequence sees the
+    grid's top-left corner, as DeepSpeed's sparse attention crops its layout)."""
+
+    def __init__(self, grid: torch.Tensor, block: int, causal: bool, name: str | None = None):
+        p, nb = grid.shape[0], grid.shape[1]
+        tail = ", causal=True" if causal else ""
+        super().__init__(name or f"from_blocks([{p}, {nb}, {nb}], {block}{tail})", p)
+        self.grid, self.block, self.causal = grid.to(torch.bool).contiguous(), block, causal
+        # Packed bits, compressed: block-sparse layouts are regular and shrink to a few KiB.
+        bits = torch.nn.functional.pad(self.grid.flatten(), (0, -grid.numel() % 8)).view(-1, 8)
+        packed = (bits.to(torch.uint8) << torch.arange(8, dtype=torch.uint8)).sum(1)
+        data = base64.b64encode(zlib.compress(packed.to(torch.uint8).numpy().tobytes())).decode()
+        self.key = str(("effattn.blocks", (self.name, p, nb, block, causal, data)))
+
+    @property
+    def size(self) -> int:
+        """The most keys this pattern serves (nb * block)."""
+        return self.grid.shape[1] * self.block
+
+    def _check_size(self, n_q: int, n_k: int) -> None:
+        super()._check_size(n_q, n_k)
+        if n_k > self.size:
+            raise ValueError(
+                f"{self.name} covers {self.size} positions ({self.grid.shape[1]} blocks of "
+                f"{self.block}); it cannot serve n_k={n_k}"
+            )
+
+    def _allowed(self, p, j, h, i):
+        grid = self.grid[h % self.period].to(p.device)
+        ok = grid[p // self.block, j // self.block]
+        return ok & (j <= p) if self.causal else ok
+
+    def _count(self, n_q, n_k, heads):
+        per_class = allowed_entries(self.layout(n_q, n_k))
+        return sum(per_class[h % self.period] for h in range(heads))
+
+    def _layout(self, n_q, n_k, q_offset, block_m, block_n):
+        cache = self.__dict__.setdefault("_layout_cache", {})
+        key = (n_q, n_k, q_offset, block_m, block_n)
+        if key not in cache:
+            cache[key] = block_grid_layout(self.grid, self.block, self.causal, *key)
+        return cache[key]
+
+
+class LengthPattern(Pattern):
+    """A pattern whose definition depends on the number of keys n_k: ``at(n_k)`` is the concrete
+    pattern (term or block-granular) for that many keys, queries aligned to their end as always.
+
+    ``spec`` = (module, factory, args) rebuilds it: ``module.factory(*args)`` (a module of
+    effattn; literal args), so that it travels to the kernels as a key.
+    """
+
+    def __init__(
+        self, name: str, period: int, build: Callable[[int], Pattern], spec: tuple[str, str, tuple]
+    ):
+        super().__init__(name, period)
+        if not spec[0].startswith("effattn."):
+            raise ValueError(f"a LengthPattern's factory must live in effattn, got {spec[0]!r}")
+        self._build = build
+        self._at: dict[int, Pattern] = {}
+        self.key = str(("effattn.length", spec))
+
+    # Lengths whose concrete patterns (and their layouts) are kept, the most recent ones.
+    KEEP = 64
+
+    def at(self, n_k: int) -> Pattern:
+        """The concrete pattern for n_k keys (made once per length while it is recent)."""
+        concrete = self._at.pop(n_k, None)
+        if concrete is None:
+            concrete = self._build(n_k)
+            if concrete.period != self.period:
+                raise RuntimeError(f"{self.name} at n_k={n_k} has {concrete.period} classes")
+            if len(self._at) >= self.KEEP:
+                self._at.pop(next(iter(self._at)))
+        self._at[n_k] = concrete
+        return concrete
+
+    def _check_size(self, n_q: int, n_k: int) -> None:
+        super()._check_size(n_q, n_k)
+        self.at(n_k)._check_size(n_q, n_k)
+
+    def mask(self, n_q: int, n_k: int, num_heads: int = 1, device=None) -> torch.Tensor:
+        self._check_size(n_q, n_k)
+        self._check_heads(num_heads)
+        return self.at(n_k).mask(n_q, n_k, num_heads, device)
+
+    def _count(self, n_q, n_k, heads):
+        return self.at(n_k)._count(n_q, n_k, heads)
+
+    def _layout(self, n_q, n_k, q_offset, block_m, block_n):
+        return self.at(n_k)._layout(n_q, n_k, q_offset, block_m, block_n)
 
 
 # --------------------------------------------------------------------- constructors
@@ -370,6 +493,37 @@ def strided(stride: int, *, causal: bool = True) -> Pattern:
     c = _check_causal(causal)
     name = f"strided({stride}{'' if c else ', causal=False'})"
     return TermPattern(name, (_strided_terms(stride, c),), kind=Strided(stride, c))
+
+
+def _column_terms(stride: int, causal: bool) -> tuple[Term, ...]:
+    mod = stride if stride > 1 else 0  # a modulus of 1 holds everywhere
+    up = Term(lo=stride, mod=mod)
+    return (up,) if causal else (up, Term(hi=-stride, mod=mod))
+
+
+def column(stride: int, *, causal: bool = True) -> Pattern:
+    """The column half of ``strided``: (p - j) % stride == 0 and p - j >= stride (|p - j| >=
+    stride with ``causal=False``), so that ``union(local(l), column(l))`` is ``strided(l)``.
+
+    The paper's other strided formulation is ``per_head(local(l), column(l))``: one head
+    attends locally, the next along the columns.
+    """
+    _check_int("stride", stride)
+    c = _check_causal(causal)
+    name = f"column({stride}{'' if c else ', causal=False'})"
+    return TermPattern(name, (_column_terms(stride, c),))
+
+
+def axial(width: int, *, causal: bool = True) -> Pattern:
+    """Row and column attention over a row-major image ``width`` pixels wide: the same row
+    (j // width == p // width) or the same column ((p - j) % width == 0); causal patterns (the
+    default) also need j <= p."""
+    _check_int("width", width)
+    c = _check_causal(causal)
+    row = Term(lo=0 if c else -BIG, gq=width, gk=width, grel=GROUP_EQ)
+    # The column terms leave out |p - j| < width, which only the same row can reach.
+    name = f"axial({width}{'' if c else ', causal=False'})"
+    return TermPattern(name, ((row, *_column_terms(width, c)),))
 
 
 def _fixed_classes(stride, summary, num_patterns, causal) -> Classes:
@@ -511,8 +665,23 @@ _KINDS = {"Strided": Strided, "Fixed": Fixed}
 
 @functools.lru_cache(maxsize=256)
 def from_key(key: str) -> Pattern:
-    """The term pattern whose :attr:`Pattern.key` is ``key``."""
-    name, terms, kind, head_divisor = ast.literal_eval(key)
+    """The term, block-granular or length-dependent pattern whose :attr:`Pattern.key` is
+    ``key``."""
+    value = ast.literal_eval(key)
+    if value[0] == "effattn.blocks":
+        name, period, nb, block, causal, data = value[1]
+        packed = torch.frombuffer(
+            bytearray(zlib.decompress(base64.b64decode(data))), dtype=torch.uint8
+        )
+        bits = (packed.view(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
+        grid = bits.flatten()[: period * nb * nb].bool().view(period, nb, nb)
+        return BlockPattern(grid, block, causal, name)
+    if value[0] == "effattn.length":
+        module, factory, args = value[1]
+        if not module.startswith("effattn."):
+            raise ValueError(f"pattern key names module {module!r}, outside effattn")
+        return getattr(importlib.import_module(module), factory)(*args)
+    name, terms, kind, head_divisor = value
     classes = tuple(tuple(Term(*t) for t in ts) for ts in terms)
     kind = None if kind is None else _KINDS[kind[0]](*kind[1:])
     return TermPattern(name, classes, kind=kind, head_divisor=head_divisor)
@@ -531,3 +700,23 @@ def from_mask(mask: torch.Tensor) -> Pattern:
     if mask.shape[1] > mask.shape[2]:
         raise ValueError(f"mask has n_q={mask.shape[1]} > n_k={mask.shape[2]}")
     return MaskPattern(mask.detach().to("cpu").contiguous())
+
+
+def from_blocks(layout: torch.Tensor, block: int, *, causal: bool = False) -> Pattern:
+    """A block-granular pattern from a block layout [1 or H, nb, nb] (bool or integer, nonzero =
+    the block is visible), as DeepSpeed's sparsity configs and Triton's blocksparse ops take:
+    (p, j) is allowed iff ``layout[h % C, p // block, j // block]``, and j <= p too when
+    ``causal``. It serves every n_k up to nb * block (shorter sequences see the top-left
+    corner); layouts never hold an element mask.
+    """
+    if not isinstance(layout, torch.Tensor):
+        raise TypeError(f"layout must be a torch.Tensor, got {type(layout).__name__}")
+    _check_int("block", block)
+    c = _check_causal(causal)
+    if layout.dim() == 2:
+        layout = layout.unsqueeze(0)
+    if layout.dim() != 3 or layout.shape[1] != layout.shape[2] or layout.shape[0] < 1:
+        raise ValueError(f"layout must have shape [1 or H, nb, nb], got {tuple(layout.shape)}")
+    if layout.dtype.is_floating_point or layout.dtype.is_complex:
+        raise TypeError(f"layout must be bool or integer, got {layout.dtype}")
+    return BlockPattern(layout.detach().to("cpu") != 0, block, c)

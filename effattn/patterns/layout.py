@@ -5,7 +5,9 @@ they visit: each term bounds the keys a block row can reach (:meth:`Term.key_ran
 those candidate blocks are classified (:meth:`Term.block_bounds`), and only the few where two
 constraints meet are settled element by element. No n_q x n_k mask and no list of all block
 pairs is ever made. Custom (mask) patterns hold an n_q x n_k mask anyway; their layouts carry
-deduplicated tiles of it.
+deduplicated tiles of it. Block-granular patterns (a bool grid of coarser blocks, as DeepSpeed's
+sparsity layouts) are laid out from the set cells of their grid, with one tile per distinct
+arrangement of cells in a kernel block.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ import torch
 
 from effattn.patterns.terms import NEVER, Term, or_terms
 
-__all__ = ["BlockLayout", "block_elements", "custom_layout", "layout_to", "term_layout"]
+__all__ = [
+    "BlockLayout",
+    "allowed_entries",
+    "block_elements",
+    "block_grid_layout",
+    "custom_layout",
+    "layout_to",
+    "term_layout",
+]
 
 # Uncertain blocks are resolved element by element in chunks of this many elements, which
 # bounds the memory of layout construction.
@@ -282,6 +292,13 @@ def custom_layout(
         part = (any_ & ~all_).nonzero(as_tuple=True)
         parts.append(part)
         tiles.append(mb[part])
+    uniq, ids = _dedup_tiles(tiles, block_m, block_n)
+    parts = [(qb, kb, tid) for (qb, kb), tid in zip(parts, ids, strict=True)]
+    return assemble(n_q, n_k, q_offset, block_m, block_n, fulls, parts, tiles=uniq)
+
+
+def _dedup_tiles(tiles: list[torch.Tensor], block_m: int, block_n: int):
+    """(unique tiles [U, block_m, block_n], per input list the index of each tile in them)."""
     sel = torch.cat(tiles)
     if sel.shape[0]:
         uniq, inverse = torch.unique(sel.flatten(1), dim=0, return_inverse=True)
@@ -289,6 +306,96 @@ def custom_layout(
     else:
         uniq = torch.zeros(1, block_m, block_n, dtype=torch.bool)
         inverse = torch.zeros(0, dtype=torch.int64)
-    ids = torch.split(inverse, [t.shape[0] for t in tiles])
-    parts = [(qb, kb, tid) for (qb, kb), tid in zip(parts, ids, strict=True)]
+    return uniq, torch.split(inverse, [t.shape[0] for t in tiles])
+
+
+# --------------------------------------------------------------------------- block-granular layouts
+def block_grid_layout(
+    grid: torch.Tensor, block: int, causal: bool, n_q: int, n_k: int, q_offset: int,
+    block_m: int, block_n: int,
+) -> BlockLayout:  # fmt: skip
+    """The layout of a block-granular pattern: (p, j) allowed iff ``grid[c, p // block,
+    j // block]`` (and j <= p when ``causal``); grid bool [P, nb, nb] with nb * block >= n_k.
+
+    Kernel blocks are found from the set cells (time proportional to those and to the visited
+    blocks). A kernel block's tile depends only on the cells it covers, its phase against the
+    grid, its clipping at the sequence ends and its offset from the diagonal: blocks sharing
+    that signature share one tile, built once.
+    """
+    nkb = -(-n_k // block_n)
+    nb = grid.shape[1]
+    # Grid cells a kernel block can cover, per side.
+    n_r, n_c = (block_m + block - 2) // block + 1, (block_n + block - 2) // block + 1
+    ii = torch.arange(block_m).view(1, -1, 1)
+    jj = torch.arange(block_n).view(1, 1, -1)
+    fulls, parts, tiles = [], [], []
+    for c in range(grid.shape[0]):
+        pair = torch.zeros(0, dtype=torch.int64)
+        if n_q and n_k:
+            r_lo, r_hi = q_offset // block, (q_offset + n_q - 1) // block
+            rr, cc = grid[c, r_lo : r_hi + 1, : (n_k - 1) // block + 1].nonzero(as_tuple=True)
+            rr = rr + r_lo
+            if causal:  # cells right of the diagonal hold only keys j > p
+                rr, cc = rr[cc <= rr], cc[cc <= rr]
+            i0 = (rr * block - q_offset).clamp(min=0) // block_m
+            i1 = ((rr + 1) * block - 1 - q_offset).clamp(max=n_q - 1) // block_m
+            k0 = cc * block // block_n
+            k1 = ((cc + 1) * block - 1).clamp(max=n_k - 1) // block_n
+            width = k1 - k0 + 1
+            count = (i1 - i0 + 1) * width
+            cell = torch.repeat_interleave(torch.arange(rr.numel()), count)
+            off = torch.arange(cell.numel()) - (torch.cumsum(count, 0) - count)[cell]
+            qb = i0[cell] + off // width[cell]
+            kb = k0[cell] + off % width[cell]
+            pair = torch.unique(qb * nkb + kb)
+        qb, kb = pair // nkb, pair % nkb
+        p0, j0 = qb * block_m + q_offset, kb * block_n
+        rows = (n_q - qb * block_m).clamp(max=block_m)
+        cols = (n_k - j0).clamp(max=block_n)
+        gr = (p0 // block).view(-1, 1) + torch.arange(n_r)
+        gc = (j0 // block).view(-1, 1) + torch.arange(n_c)
+        inside_r = gr <= ((p0 + rows - 1) // block).view(-1, 1)
+        inside_c = gc <= ((j0 + cols - 1) // block).view(-1, 1)
+        cells = grid[c][gr.clamp(max=nb - 1)[:, :, None], gc.clamp(max=nb - 1)[:, None, :]]
+        cells = cells & inside_r[:, :, None] & inside_c[:, None, :]
+        diag = (p0 - j0).clamp(-block_m, block_n - 1) if causal else torch.zeros_like(p0)
+        extra = torch.stack([p0 % block, j0 % block, rows, cols, diag], 1)
+        sig, inverse = torch.unique(
+            torch.cat([cells.flatten(1).long(), extra], 1), dim=0, return_inverse=True
+        )
+        g = sig[:, : n_r * n_c].bool().view(-1, n_r, n_c)
+        ph_r, ph_c, s_rows, s_cols, s_diag = (
+            sig[:, n_r * n_c + f].view(-1, 1, 1) for f in range(5)
+        )
+        valid = (ii < s_rows) & (jj < s_cols)
+        r_idx = (ph_r + ii) // block
+        c_idx = (ph_c + jj) // block
+        tile = g[torch.arange(g.shape[0]).view(-1, 1, 1), r_idx, c_idx] & valid
+        if causal:
+            tile &= jj - ii <= s_diag
+        any_ = tile.flatten(1).any(1)[inverse]
+        all_ = (tile | ~valid).flatten(1).all(1)[inverse]
+        full, part = any_ & all_, any_ & ~all_
+        fulls.append((qb[full], kb[full]))
+        parts.append((qb[part], kb[part], inverse[part]))
+        tiles.append(tile)
+    uniq, ids = _dedup_tiles(tiles, block_m, block_n)
+    parts = [(qb, kb, remap[sig]) for (qb, kb, sig), remap in zip(parts, ids, strict=True)]
     return assemble(n_q, n_k, q_offset, block_m, block_n, fulls, parts, tiles=uniq)
+
+
+def allowed_entries(lay: BlockLayout) -> list[int]:
+    """Per head class, the allowed entries of a layout with tiles: its full blocks (clipped to
+    the sequence ends) plus the set entries of its partial blocks' tiles."""
+    rows = _block_extent(lay.n_q, lay.block_m, lay.num_q_blocks, torch.device("cpu"))
+    cols = _block_extent(lay.n_k, lay.block_n, lay.num_k_blocks, torch.device("cpu"))
+    if lay.tiles is None or lay.kv_part_tile is None:
+        raise ValueError("allowed_entries counts layouts with tiles")
+    per_tile = lay.tiles.flatten(1).sum(1)
+    out = []
+    for c in range(lay.num_classes):
+        idx = lay.kv_full_idx[c].long()
+        full = (torch.where(idx >= 0, cols[idx.clamp(min=0)], 0).sum(-1) * rows).sum()
+        tid = lay.kv_part_tile[c].long()
+        out.append(int(full + torch.where(tid >= 0, per_tile[tid.clamp(min=0)], 0).sum()))
+    return out

@@ -29,6 +29,8 @@ __all__ = [
     "TERM_FIELDS",
     "Term",
     "and_terms",
+    "disjoint",
+    "implied_band",
     "or_terms",
 ]
 
@@ -189,3 +191,36 @@ def _same(kind: str, x: tuple[int, int, int], y: tuple[int, int, int]) -> tuple[
     if y[0] <= 0 or x == y:
         return x
     raise NotExpressible(f"two different {kind} constraints {x} and {y} cannot share one term")
+
+
+def implied_band(t: Term) -> tuple[int, int]:
+    """[lo, hi] bounding p - j over what ``t`` allows: its band, tightened by a group constraint
+    on equal group sizes (the same group implies |p - j| < g, an earlier one p - j >= 1)."""
+    lo, hi = t.lo, t.hi
+    if t.gq > 0 and t.gq == t.gk:
+        if t.grel == GROUP_EQ:
+            lo, hi = max(lo, 1 - t.gq), min(hi, t.gq - 1)
+        elif t.grel == GROUP_LT:
+            lo = max(lo, 1)
+    return lo, hi
+
+
+def disjoint(a: Term, b: Term) -> bool:
+    """True when no (p, j) satisfies both terms, as far as their bands, moduli, groups and
+    columns show it (False does not prove an overlap). Decompositions merge parts by their
+    log-sum-exp, which is exact only for disjoint key sets; counts add disjoint terms."""
+    (lo_a, hi_a), (lo_b, hi_b) = implied_band(a), implied_band(b)
+    lo, hi = max(lo_a, lo_b), min(hi_a, hi_b)
+    if lo > hi:
+        return True
+    mods = [m for m in (a.mod, b.mod) if m > 1]
+    if mods and -BIG < lo and hi < BIG:
+        step = math.lcm(*mods)
+        if -(-lo // step) * step > hi:  # no multiple of the moduli in the common band
+            return True
+    if a.gq > 0 and (a.gq, a.gk) == (b.gq, b.gk) and GROUP_EQ in (a.grel, b.grel):
+        if a.grel != b.grel:  # the same group against an earlier / another one
+            return True
+    if a.smod > 0 and a.smod == b.smod:
+        return a.smax < b.smin or b.smax < a.smin
+    return False
